@@ -1,0 +1,101 @@
+"""The wire contract of the HTTP API: request and response models."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from service.calibration.prompts import MAX_OPTIONS
+
+NonEmptyText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
+class ScoreRequest(BaseModel):
+    """One multiple-choice question to answer with a calibrated confidence."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "question": "Which gas do plants take from the air for photosynthesis?",
+                    "options": ["Oxygen", "Carbon dioxide", "Nitrogen", "Helium"],
+                }
+            ]
+        },
+    )
+
+    question: NonEmptyText = Field(description="The question text.")
+    options: list[NonEmptyText] = Field(
+        min_length=2,
+        max_length=MAX_OPTIONS,
+        description="Option texts in order; they are labelled A, B, C, ...",
+    )
+    method: Literal["uf", "fidelity"] = Field(
+        default="uf",
+        description="uf: (1 - Uncertainty) x Fidelity; fidelity: the ablation without the "
+        "uncertainty factor.",
+    )
+    mode: Literal["auto", "logprobs", "sampling"] = Field(
+        default="auto",
+        description="logprobs: one forward pass reads the option letters (white-box); "
+        "sampling: K sampled answers (black-box); auto: logprobs where the engine has them.",
+    )
+    samples: int = Field(default=10, ge=1, le=64, description="K, samples in sampling mode.")
+    temperature: float = Field(
+        default=1.0, gt=0, le=10, description="Sampling temperature, or T of the letter softmax."
+    )
+    tau: float = Field(default=2.0, gt=0, le=100, description="Fidelity chain position weight.")
+    eps: float | None = Field(
+        default=None,
+        ge=0,
+        lt=1,
+        description="Logprobs mode: options with P >= eps start a chain (default 0.01).",
+    )
+    id: str | None = Field(
+        default=None, min_length=1, max_length=128, description="Your id for this question."
+    )
+
+
+class AnswerOut(BaseModel):
+    index: int = Field(description="0-based position of the option.")
+    label: str = Field(description="Its letter.")
+    text: str = Field(description="Its text.")
+
+
+class UsageOut(BaseModel):
+    engine_calls: int = Field(description="Engine round trips (batches).")
+    prompts: int = Field(description="Prompts sent to the engine.")
+    unparsed: int = Field(description="Model replies that named no option.")
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class ScoreResponse(BaseModel):
+    """The answer, its calibrated confidence and every part behind it."""
+
+    id: str
+    answer: AnswerOut
+    confidence: float = Field(ge=0, le=1, description="(1 - uncertainty) x fidelity[answer].")
+    uncertainty: float = Field(ge=0, le=1, description="Normalised entropy of the answers.")
+    distribution: dict[str, float] = Field(description="P(option) by label.")
+    fidelity: dict[str, float] = Field(description="F(option) by label.")
+    chains: dict[str, list[str]] = Field(description="The fidelity chain of each start option.")
+    method: str
+    mode: Literal["logprobs", "sampling"]
+    model: str
+    usage: UsageOut
+    latency_ms: float
+
+
+class ErrorResponse(BaseModel):
+    """Every non-validation error: one line saying what went wrong."""
+
+    detail: str
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model: str | None = None
+    detail: str | None = None

@@ -1,0 +1,153 @@
+"""``ufcal serve | score | metrics``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from service.config import Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api.app import create_app
+
+    settings = Settings()
+    host = args.host or settings.host
+    port = args.port or settings.port
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def _questions(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    if args.file:
+        with Path(args.file).open(encoding="utf-8") as handle:
+            count = 0
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                if args.limit is not None and count >= args.limit:
+                    return
+                try:
+                    row = json.loads(line)
+                    yield {
+                        "id": str(row.get("id", number)),
+                        "question": str(row["question"]),
+                        "options": [str(o) for o in row["options"]],
+                        "gold": row.get("answer"),
+                    }
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise SystemExit(f"{args.file}: line {number}: {exc}") from exc
+                count += 1
+    else:
+        if not args.question or not args.option:
+            raise SystemExit("give --question and two or more --option, or --file")
+        yield {"id": "1", "question": args.question, "options": args.option, "gold": None}
+
+
+async def _score_all(args: argparse.Namespace) -> int:
+    from service.api.app import score_params, to_response
+    from service.api.protocol import ScoreRequest
+    from service.calibration.prompts import Question
+    from service.engines import build_engine
+    from service.scoring import Unscorable, score
+
+    settings = Settings()
+    engine = await build_engine(settings)
+    await engine.start()
+    template = settings.prompt_template()
+
+    async def one(item: dict[str, Any]) -> str:
+        body = ScoreRequest(
+            id=item["id"],
+            question=item["question"],
+            options=item["options"],
+            method=args.method,
+            mode=args.mode or settings.mode,
+            samples=args.samples or settings.samples,
+        )
+        question = Question(body.question, tuple(body.options))
+        try:
+            result = await score(question, engine, score_params(body, settings), template)
+        except Unscorable as exc:
+            return json.dumps({"id": item["id"], "error": str(exc)})
+        out = to_response(result, item["id"]).model_dump()
+        if item["gold"] is not None:
+            out["gold"] = item["gold"]
+            out["correct"] = result.answer == item["gold"]
+        return json.dumps(out)
+
+    try:
+        # Keep several questions in flight so that the engine batches across them,
+        # and print in input order.
+        queue: list[asyncio.Task[str]] = []
+        for item in _questions(args):
+            task = asyncio.create_task(one(item))
+            queue.append(task)
+            if len(queue) >= args.concurrency:
+                print(await queue.pop(0), flush=True)
+        for task in queue:
+            print(await task, flush=True)
+    finally:
+        await engine.close()
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    return asyncio.run(_score_all(args))
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    from service.evaluation.metrics_file import metrics_command
+
+    return metrics_command(args.file, args.bins)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ufcal`` command line."""
+    parser = argparse.ArgumentParser(prog="ufcal", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", default=None, help="default: UFCAL_HOST (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="default: UFCAL_PORT (8000)")
+    serve.set_defaults(func=_serve)
+
+    sc = sub.add_parser("score", help="score questions to JSON lines on stdout")
+    sc.add_argument("--question", help="the question text")
+    sc.add_argument("--option", action="append", help="an option (repeat, in order)")
+    sc.add_argument("--file", help="JSONL in the shared MCQA format (question, options, answer)")
+    sc.add_argument("--limit", type=int, default=None, help="score the first N questions")
+    sc.add_argument("--method", choices=["uf", "fidelity"], default="uf")
+    sc.add_argument("--mode", choices=["auto", "logprobs", "sampling"], default=None)
+    sc.add_argument("--samples", type=int, default=None, help="K in sampling mode")
+    sc.add_argument("--concurrency", type=int, default=16, help="questions in flight")
+    sc.set_defaults(func=_score)
+
+    metrics = sub.add_parser("metrics", help="calibration metrics of a scored JSONL file")
+    metrics.add_argument("file", help="JSONL with 'confidence' and 'correct' per line")
+    metrics.add_argument("--bins", type=int, default=10, help="number of equal-width bins")
+    metrics.set_defaults(func=_metrics)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ufcal`` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

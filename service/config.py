@@ -1,0 +1,113 @@
+"""One settings object, read from ``UFCAL_*`` environment variables (and a ``.env`` file)."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.calibration.prompts import SUBSTITUTE_TEXT, PromptTemplate
+
+Mode = Literal["auto", "logprobs", "sampling"]
+Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ufcal" / "models"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; the README's configuration table lists them."""
+
+    model_config = SettingsConfigDict(env_prefix="UFCAL_", env_file=".env", extra="ignore")
+
+    # Model and engine
+    model: str | None = Field(
+        default=None,
+        description="Local HF folder or model id for the in-process engine; "
+        "empty = the embedded SmolLM2-135M-Instruct.",
+    )
+    model_cache: Path = Field(
+        default_factory=_default_cache, description="Where the embedded model is converted to."
+    )
+    served_model: str | None = Field(
+        default=None, description="Model name to report (and to request from a remote server)."
+    )
+    engine_url: str = Field(
+        default="",
+        description="Comma-separated base URLs of vLLM OpenAI-compatible servers; "
+        "empty = in-process vLLM.",
+    )
+    engine_api_key: SecretStr | None = Field(
+        default=None, description="Bearer key for the engine URLs."
+    )
+    engine_timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one engine call.")
+
+    # In-process vLLM
+    vllm_dtype: Dtype = "auto"
+    vllm_max_model_len: int = Field(default=4096, ge=256)
+    vllm_block_size: int | None = Field(
+        default=32, description="KV block size; 32 lets prefix caching hit on short prompts."
+    )
+    vllm_enforce_eager: bool = True
+    vllm_gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    vllm_cpu_kvcache_space_gib: int = Field(default=1, ge=1)
+    vllm_cpu_threads_bind: str | None = Field(
+        default=None, description="Cores for vLLM on CPU (default: all, e.g. 0-1)."
+    )
+    vllm_tensor_parallel_size: int = Field(default=1, ge=1)
+
+    # Prompt
+    prompt_chat: bool = Field(default=True, description="Use the model's chat template.")
+    system_prompt: str | None = None
+    instruction: str = "Answer with the letter of the correct option only."
+    answer_prefix: str = "Answer:"
+    few_shot: str = Field(default="", description="Text placed before every question.")
+    substitute_text: str = SUBSTITUTE_TEXT
+
+    # Method defaults (each overridable per request)
+    mode: Mode = "auto"
+    samples: int = Field(default=10, ge=1, le=64)
+    temperature: float = Field(default=1.0, gt=0)
+    tau: float = Field(default=2.0, gt=0)
+    eps: float = Field(default=0.01, ge=0, lt=1)
+    skip_mass: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Cost bound: skip the least likely chain starts up to this share of "
+        "the start set's mass (0 = spec-exact).",
+    )
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    log_level: str = "info"
+    log_text: bool = Field(default=False, description="Log question and option text.")
+
+    @cached_property
+    def engine_urls(self) -> list[str]:
+        """The engine URLs as a list (empty = in-process engine)."""
+        return [u.strip() for u in self.engine_url.split(",") if u.strip()]
+
+    def prompt_template(self) -> PromptTemplate:
+        """The prompt template these settings describe."""
+        return PromptTemplate(
+            chat=self.prompt_chat,
+            system_prompt=self.system_prompt,
+            instruction=self.instruction,
+            answer_prefix=self.answer_prefix,
+            few_shot=self.few_shot,
+            substitute_text=self.substitute_text,
+        )
+
+    def cpu_threads_bind(self) -> str:
+        """The cores vLLM's CPU backend binds its threads to."""
+        if self.vllm_cpu_threads_bind:
+            return self.vllm_cpu_threads_bind
+        return f"0-{max(0, (os.cpu_count() or 1) - 1)}"

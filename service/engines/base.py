@@ -1,0 +1,99 @@
+"""The one small async protocol every engine adapter implements.
+
+All methods take a batch: the scorer sends every prompt of one step at once, and the
+adapter hands them to vLLM together so that its scheduler batches them (and batches them
+with other requests' prompts)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from service.calibration.prompts import Prompt
+
+
+class EngineError(Exception):
+    """The engine failed to answer (HTTP 502)."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot be reached or is not ready (HTTP 503)."""
+
+
+class EngineFeatureMissing(EngineError):
+    """The engine lacks a feature a mode needs; the message names the feature."""
+
+    def __init__(self, feature: str, hint: str = "use mode=sampling") -> None:
+        super().__init__(f"the engine does not support {feature}; {hint}")
+        self.feature = feature
+
+
+@dataclass(frozen=True)
+class LetterRead:
+    """Next-token log-probabilities of option letters after one prompt.
+
+    ``logprobs[label]`` is the log of the summed probability of the letter's token forms
+    ("A" and " A")."""
+
+    logprobs: dict[str, float]
+    prompt_tokens: int
+    completion_tokens: int = 1
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The completions of one prompt (``n`` of them)."""
+
+    texts: list[str]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Decoding settings for one batch of prompts. ``choices`` restricts every reply to one
+    of the given strings (structured output)."""
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 8
+    choices: tuple[str, ...] | None = None
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """An LLM engine the scorer can drive."""
+
+    @property
+    def model(self) -> str:
+        """The model's name as reported in responses."""
+        ...
+
+    @property
+    def supports_letter_logprobs(self) -> bool:
+        """True when ``read_letters`` works (white-box engines)."""
+        ...
+
+    async def start(self) -> None:
+        """Load or connect; raise ``EngineUnavailable`` when it cannot."""
+
+    async def ready(self) -> bool:
+        """True when the engine can take requests now."""
+        ...
+
+    async def read_letters(
+        self, prompts: Sequence[Prompt], labels: Sequence[Sequence[str]]
+    ) -> list[LetterRead]:
+        """For each prompt, the next-token log-probabilities of its labels."""
+        ...
+
+    async def generate(
+        self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]
+    ) -> list[Generation]:
+        """For each prompt, completions decoded with its params."""
+        ...
+
+    async def close(self) -> None:
+        """Release the engine."""

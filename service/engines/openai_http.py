@@ -1,0 +1,253 @@
+"""Client for vLLM's OpenAI-compatible server (one or several base URLs).
+
+Chat prompts go to ``/v1/chat/completions`` with the assistant turn pre-filled
+(``continue_final_message``); plain prompts to ``/v1/completions``. Letter log-probs use
+vLLM's ``logprob_token_ids``; restricted choices use ``structured_outputs.choice``. Both are
+vLLM extensions: another OpenAI-compatible server gets a clear error naming the feature."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from service.calibration.prompts import Prompt
+from service.engines.base import (
+    EngineError,
+    EngineFeatureMissing,
+    EngineUnavailable,
+    Generation,
+    GenerationParams,
+    LetterRead,
+)
+from service.engines.letters import combine_letter_logprobs, letter_token_ids
+
+log = logging.getLogger(__name__)
+
+_TOKEN_ID_PREFIX = "token_id:"
+
+
+class OpenAIHTTPEngine:
+    """Spreads prompts round-robin over the given vLLM servers."""
+
+    def __init__(
+        self,
+        base_urls: Sequence[str],
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        max_connections: int = 256,
+    ) -> None:
+        if not base_urls:
+            raise ValueError("at least one engine URL is needed")
+        self._urls = [u.rstrip("/") for u in base_urls]
+        self._next_url = itertools.cycle(range(len(self._urls)))
+        self._model = model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+        )
+        self._letter_ids: dict[str, list[int]] = {}
+        self._letter_logprobs_ok: bool | None = None
+
+    @property
+    def model(self) -> str:
+        return self._model or "unknown"
+
+    @property
+    def supports_letter_logprobs(self) -> bool:
+        return self._letter_logprobs_ok is not False
+
+    def _url(self) -> str:
+        return self._urls[next(self._next_url)]
+
+    async def _post(self, path: str, body: dict[str, Any], base: str | None = None) -> Any:
+        url = (base or self._url()) + path
+        try:
+            response = await self._client.post(url, json=body)
+        except httpx.TimeoutException as exc:
+            raise EngineUnavailable(f"engine at {url} timed out") from exc
+        except httpx.TransportError as exc:
+            raise EngineUnavailable(f"engine at {url} is unreachable: {exc}") from exc
+        if response.status_code >= 500:
+            raise EngineUnavailable(f"engine at {url} answered {response.status_code}")
+        if response.status_code == 404:
+            raise EngineFeatureMissing(f"the endpoint {path}")
+        if response.status_code >= 400:
+            raise EngineError(
+                f"engine at {url} refused the request ({response.status_code}): "
+                f"{_error_message(response)}"
+            )
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise EngineError(f"engine at {url} sent a reply that is not JSON") from exc
+
+    async def start(self) -> None:
+        if self._model is None:
+            try:
+                response = await self._client.get(self._urls[0] + "/v1/models")
+                response.raise_for_status()
+                self._model = str(response.json()["data"][0]["id"])
+            except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+                raise EngineUnavailable(
+                    f"cannot list the models of {self._urls[0]}: {exc}"
+                ) from exc
+
+    async def ready(self) -> bool:
+        async def healthy(base: str) -> bool:
+            try:
+                response = await self._client.get(base + "/health", timeout=2.0)
+            except httpx.HTTPError:
+                return False
+            return response.status_code == 200
+
+        results = await asyncio.gather(*(healthy(u) for u in self._urls))
+        return any(results)
+
+    async def _ids_for(self, labels: Sequence[str]) -> dict[str, list[int]]:
+        missing = [label for label in labels if label not in self._letter_ids]
+        if missing:
+            encoded: dict[str, list[int]] = {}
+            for label in missing:
+                for form in (label, f" {label}"):
+                    try:
+                        body = await self._post(
+                            "/tokenize",
+                            {"model": self.model, "prompt": form, "add_special_tokens": False},
+                        )
+                    except EngineFeatureMissing as exc:
+                        self._letter_logprobs_ok = False
+                        raise EngineFeatureMissing(
+                            "letter log-probabilities (vLLM's /tokenize and logprob_token_ids)"
+                        ) from exc
+                    encoded[form] = [int(t) for t in body["tokens"]]
+            try:
+                self._letter_ids.update(letter_token_ids(missing, lambda s: encoded[s]))
+            except ValueError as exc:
+                raise EngineError(str(exc)) from exc
+        return {label: self._letter_ids[label] for label in labels}
+
+    def _body(self, prompt: Prompt, extra: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = {"model": self.model, **extra}
+        if prompt.chat:
+            body.update(
+                messages=prompt.messages(),
+                add_generation_prompt=False,
+                continue_final_message=True,
+            )
+            return "/v1/chat/completions", body
+        body["prompt"] = prompt.text
+        return "/v1/completions", body
+
+    async def read_letters(
+        self, prompts: Sequence[Prompt], labels: Sequence[Sequence[str]]
+    ) -> list[LetterRead]:
+        async def one(prompt: Prompt, wanted: Sequence[str]) -> LetterRead:
+            table = await self._ids_for(wanted)
+            ids = sorted({t for forms in table.values() for t in forms})
+            path, body = self._body(
+                prompt,
+                {
+                    "max_tokens": 1,
+                    "temperature": 0.0,
+                    "logprobs": True if prompt.chat else 1,
+                    "logprob_token_ids": ids,
+                    "return_tokens_as_token_ids": True,
+                },
+            )
+            reply = await self._post(path, body)
+            token_logprobs = _read_token_logprobs(reply, chat=prompt.chat)
+            try:
+                combined = combine_letter_logprobs(table, token_logprobs, wanted)
+            except KeyError as exc:
+                self._letter_logprobs_ok = False
+                raise EngineFeatureMissing("logprob_token_ids (vLLM >= 0.11)") from exc
+            self._letter_logprobs_ok = True
+            usage = reply.get("usage") or {}
+            return LetterRead(
+                combined, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 1))
+            )
+
+        return list(
+            await asyncio.gather(*(one(p, w) for p, w in zip(prompts, labels, strict=True)))
+        )
+
+    async def generate(
+        self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]
+    ) -> list[Generation]:
+        async def one(prompt: Prompt, p: GenerationParams) -> Generation:
+            extra: dict[str, Any] = {
+                "n": p.n,
+                "temperature": p.temperature,
+                "top_p": p.top_p,
+                "max_tokens": p.max_tokens,
+            }
+            if p.choices:
+                extra["structured_outputs"] = {"choice": list(p.choices)}
+            path, body = self._body(prompt, extra)
+            reply = await self._post(path, body)
+            try:
+                choices = sorted(reply["choices"], key=lambda c: int(c.get("index", 0)))
+                texts = [
+                    str(c["message"]["content"] or "") if prompt.chat else str(c["text"])
+                    for c in choices
+                ]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise EngineError(f"engine reply lacks choices: {exc}") from exc
+            if p.choices and any(t not in p.choices for t in texts):
+                raise EngineFeatureMissing(
+                    "structured_outputs.choice (vLLM's structured outputs)",
+                    hint="use a vLLM server",
+                )
+            usage = reply.get("usage") or {}
+            return Generation(
+                texts, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+            )
+
+        return list(
+            await asyncio.gather(*(one(p, q) for p, q in zip(prompts, params, strict=True)))
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _read_token_logprobs(reply: Any, *, chat: bool) -> dict[int, float]:
+    """The first generated position's logprobs, keyed by token id."""
+    try:
+        logprobs = reply["choices"][0]["logprobs"]
+        if chat:
+            entries = logprobs["content"][0]["top_logprobs"]
+            pairs = [(e["token"], e["logprob"]) for e in entries]
+        else:
+            pairs = list(logprobs["top_logprobs"][0].items())
+    except (KeyError, IndexError, TypeError) as exc:
+        raise EngineFeatureMissing("logprob_token_ids (vLLM >= 0.11)") from exc
+    result: dict[int, float] = {}
+    for token, logprob in pairs:
+        if isinstance(token, str) and token.startswith(_TOKEN_ID_PREFIX):
+            result[int(token[len(_TOKEN_ID_PREFIX) :])] = float(logprob)
+    return result
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict):
+            return str(error.get("message", error))[:200]
+        return str(error)[:200]
+    return str(body)[:200]
