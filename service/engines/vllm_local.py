@@ -151,7 +151,7 @@ class LocalVLLMEngine:
             params = SamplingParams(
                 max_tokens=1,
                 temperature=0.0,
-                logprobs=1,
+                logprobs=len(ids),  # vLLM requires logprobs == len(logprob_token_ids)
                 logprob_token_ids=ids,
                 output_kind=RequestOutputKind.FINAL_ONLY,
             )
