@@ -1,0 +1,383 @@
+"""Prometheus metrics and JSON log lines for the ufcal service.
+
+Every metric lives in a per-app :class:`Telemetry` (its own ``CollectorRegistry``), so tests
+can build many apps in one process. All names start with ``ufcal_`` and follow Prometheus
+conventions (``_total`` counters, base units such as seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = [
+    "CONFIDENCE_BUCKETS",
+    "DURATION_BUCKETS",
+    "CalibrationReport",
+    "JsonFormatter",
+    "ReliabilityBin",
+    "Telemetry",
+    "bin_label",
+    "configure_logging",
+    "score_log_fields",
+]
+
+#: Request latency buckets, 5 ms .. 60 s.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+)  # fmt: skip
+#: Engine round trips (batches) per scored question.
+ENGINE_CALL_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50)
+#: Prompts sent to the engine per scored question.
+PROMPT_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+#: Confidence / uncertainty buckets 0.1, 0.2, ..., 1.0.
+CONFIDENCE_BUCKETS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
+
+_SCORE_LABELS = ("method", "mode")
+
+
+class ReliabilityBin(Protocol):
+    """One bin of a reliability diagram (``upper`` is the bin's upper edge)."""
+
+    @property
+    def upper(self) -> float: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def accuracy(self) -> float | None: ...
+    @property
+    def confidence(self) -> float | None: ...
+
+
+class CalibrationReport(Protocol):
+    """Live calibration over the sliding window of scores that received feedback."""
+
+    @property
+    def n(self) -> int: ...
+    @property
+    def accuracy(self) -> float | None: ...
+    @property
+    def ece(self) -> float | None: ...
+    @property
+    def ipr(self) -> float | None: ...
+    @property
+    def ce(self) -> float | None: ...
+    @property
+    def brier(self) -> float | None: ...
+    @property
+    def bins(self) -> Sequence[ReliabilityBin]: ...
+
+
+def bin_label(upper: float) -> str:
+    """Label value of a reliability bin: its upper edge, e.g. ``"0.1"``, ``"1.0"``."""
+    text = f"{upper:.6f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def _value(x: float | None) -> float:
+    return math.nan if x is None else float(x)
+
+
+class Telemetry:
+    """The service's Prometheus metrics, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        # prometheus-client appends ``_total`` to counter names itself.
+        self.requests = Counter(
+            "ufcal_requests",
+            "Scoring requests by method, mode and HTTP status code.",
+            ("method", "mode", "status"),
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "ufcal_request_duration_seconds",
+            "Wall time of a scoring request in seconds.",
+            _SCORE_LABELS,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.engine_calls = Histogram(
+            "ufcal_engine_calls",
+            "Engine round trips (batches) per scored question.",
+            _SCORE_LABELS,
+            buckets=ENGINE_CALL_BUCKETS,
+            registry=r,
+        )
+        self.engine_prompts = Histogram(
+            "ufcal_engine_prompts",
+            "Prompts sent to the engine per scored question.",
+            _SCORE_LABELS,
+            buckets=PROMPT_BUCKETS,
+            registry=r,
+        )
+        self.confidence = Histogram(
+            "ufcal_confidence",
+            "Calibrated confidence of the returned answer.",
+            _SCORE_LABELS,
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.uncertainty = Histogram(
+            "ufcal_uncertainty",
+            "Uncertainty of the returned answer.",
+            _SCORE_LABELS,
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.in_flight_requests = Gauge(
+            "ufcal_requests_in_flight", "Scoring requests being processed.", registry=r
+        )
+        self.engine_up = Gauge(
+            "ufcal_engine_up", "1 if the inference engine is ready, else 0.", registry=r
+        )
+        self.unparsed = Counter(
+            "ufcal_unparsed",
+            "Model replies from which no answer option could be parsed.",
+            _SCORE_LABELS,
+            registry=r,
+        )
+        self.feedback = Counter(
+            "ufcal_feedback",
+            "Feedback received on scored answers, by outcome (correct|wrong).",
+            ("outcome",),
+            registry=r,
+        )
+        self.live_accuracy = Gauge(
+            "ufcal_live_accuracy", "Accuracy over the live calibration window.", registry=r
+        )
+        self.live_ece = Gauge(
+            "ufcal_live_ece", "Expected calibration error over the live window.", registry=r
+        )
+        self.live_ipr = Gauge(
+            "ufcal_live_ipr", "Inverse pair ratio over the live window.", registry=r
+        )
+        self.live_ce = Gauge(
+            "ufcal_live_ce", "Confidence evenness over the live window.", registry=r
+        )
+        self.live_brier = Gauge("ufcal_live_brier", "Brier score over the live window.", registry=r)
+        self.live_window_size = Gauge(
+            "ufcal_live_window_size", "Scores with feedback in the live window.", registry=r
+        )
+        self.live_bin_count = Gauge(
+            "ufcal_live_bin_count",
+            "Scores per reliability bin (label bin = upper edge) in the live window.",
+            ("bin",),
+            registry=r,
+        )
+        self.live_bin_accuracy = Gauge(
+            "ufcal_live_bin_accuracy",
+            "Accuracy per reliability bin in the live window.",
+            ("bin",),
+            registry=r,
+        )
+        self.live_bin_confidence = Gauge(
+            "ufcal_live_bin_confidence",
+            "Mean confidence per reliability bin in the live window.",
+            ("bin",),
+            registry=r,
+        )
+        self.engine_up.set(0)
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def observe_score(
+        self,
+        method: str,
+        mode: str,
+        status: int | str,
+        duration_s: float,
+        engine_calls: int,
+        prompts: int,
+        confidence: float | None,
+        uncertainty: float | None,
+        unparsed: int | bool = 0,
+    ) -> None:
+        """Record one scored question (a successful or partially parsed request)."""
+        self.requests.labels(method, mode, str(status)).inc()
+        self.request_duration.labels(method, mode).observe(duration_s)
+        self.engine_calls.labels(method, mode).observe(engine_calls)
+        self.engine_prompts.labels(method, mode).observe(prompts)
+        if confidence is not None:
+            self.confidence.labels(method, mode).observe(confidence)
+        if uncertainty is not None:
+            self.uncertainty.labels(method, mode).observe(uncertainty)
+        if unparsed:
+            self.unparsed.labels(method, mode).inc(int(unparsed))
+
+    def observe_error(self, method: str, mode: str, status: int | str, duration_s: float) -> None:
+        """Record a request that failed (validation error, engine failure, ...)."""
+        self.requests.labels(method, mode, str(status)).inc()
+        self.request_duration.labels(method, mode).observe(duration_s)
+
+    def observe_unparsed(self, method: str, mode: str, n: int = 1) -> None:
+        """Count ``n`` model replies that could not be parsed."""
+        if n > 0:
+            self.unparsed.labels(method, mode).inc(n)
+
+    @contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Context manager counting a request in ``ufcal_requests_in_flight``."""
+        self.in_flight_requests.inc()
+        try:
+            yield
+        finally:
+            self.in_flight_requests.dec()
+
+    def inc_in_flight(self) -> None:
+        """A request started."""
+        self.in_flight_requests.inc()
+
+    def dec_in_flight(self) -> None:
+        """A request finished."""
+        self.in_flight_requests.dec()
+
+    def set_engine_up(self, up: bool) -> None:
+        """Set ``ufcal_engine_up`` to 1 or 0."""
+        self.engine_up.set(1 if up else 0)
+
+    # -- feedback and live calibration -----------------------------------------------------
+
+    def observe_feedback(self, correct: bool) -> None:
+        """Count one feedback, outcome ``correct`` or ``wrong``."""
+        self.feedback.labels("correct" if correct else "wrong").inc()
+
+    def set_live_calibration(self, report: CalibrationReport) -> None:
+        """Publish the live calibration report; empty bins export only their count (0)."""
+        self.live_window_size.set(report.n)
+        self.live_accuracy.set(_value(report.accuracy))
+        self.live_ece.set(_value(report.ece))
+        self.live_ipr.set(_value(report.ipr))
+        self.live_ce.set(_value(report.ce))
+        self.live_brier.set(_value(report.brier))
+        for gauge in (self.live_bin_count, self.live_bin_accuracy, self.live_bin_confidence):
+            gauge.clear()
+        for b in report.bins:
+            label = bin_label(b.upper)
+            self.live_bin_count.labels(label).set(b.count)
+            if b.accuracy is not None:
+                self.live_bin_accuracy.labels(label).set(b.accuracy)
+            if b.confidence is not None:
+                self.live_bin_confidence.labels(label).set(b.confidence)
+
+    # -- exposition ------------------------------------------------------------------------
+
+    def render(self) -> tuple[bytes, str]:
+        """The body and content type for ``GET /metrics``."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def metric_names(self) -> set[str]:
+        """Every sample name this registry exports (e.g. ``ufcal_requests_total``)."""
+        return {s.name for m in self.registry.collect() for s in m.samples}
+
+
+# -- JSON logs -----------------------------------------------------------------------------
+
+
+def _utc_iso(epoch_s: float) -> str:
+    dt = datetime.fromtimestamp(epoch_s, tz=timezone.utc)
+    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: timestamp (ISO-8601 UTC), level, logger, message, plus the
+    key/values of a ``fields`` dict passed as ``extra={"fields": {...}}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "timestamp": _utc_iso(record.created),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping):
+            out.update(fields)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Log JSON lines to stdout from the root logger; uvicorn's loggers propagate to it.
+
+    Start uvicorn with ``log_config=None`` afterwards so it keeps this setup.
+    """
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+
+
+def score_log_fields(
+    *,
+    request_id: str,
+    model: str,
+    method: str,
+    mode: str,
+    answer: str | None,
+    confidence: float | None,
+    uncertainty: float | None,
+    engine_calls: int,
+    latency_ms: float,
+    status: int | str,
+    log_text: bool = False,
+    question: str | None = None,
+    options: Sequence[str] | Mapping[str, str] | None = None,
+    error: str | None = None,
+    timestamp: datetime | None = None,
+) -> dict[str, Any]:
+    """The fields of the one log line per scored question (pass as ``extra={"fields": ...}``).
+
+    The question and option texts are included only when ``log_text`` is true.
+    """
+    ts = timestamp if timestamp is not None else datetime.now(timezone.utc)
+    fields: dict[str, Any] = {
+        "timestamp": _utc_iso(ts.timestamp()),
+        "id": request_id,
+        "model": model,
+        "method": method,
+        "mode": mode,
+        "answer": answer,
+        "confidence": confidence,
+        "uncertainty": uncertainty,
+        "engine_calls": engine_calls,
+        "latency_ms": round(latency_ms, 3),
+        "status": int(status),
+    }
+    if error is not None:
+        fields["error"] = error
+    if log_text:
+        fields["question"] = question
+        if isinstance(options, Mapping):
+            fields["options"] = dict(options)
+        elif options is not None:
+            fields["options"] = list(options)
+        else:
+            fields["options"] = None
+    return fields
