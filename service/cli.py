@@ -115,6 +115,14 @@ def _metrics(args: argparse.Namespace) -> int:
     return metrics_command(args.file, args.bins)
 
 
+def _model(args: argparse.Namespace) -> int:
+    from service.engines.embedded import prepare_embedded_model
+
+    settings = Settings()
+    print(prepare_embedded_model(Path(args.cache) if args.cache else settings.model_cache))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ufcal`` command line."""
     parser = argparse.ArgumentParser(prog="ufcal", description=__doc__)
@@ -135,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--samples", type=int, default=None, help="K in sampling mode")
     sc.add_argument("--concurrency", type=int, default=16, help="questions in flight")
     sc.set_defaults(func=_score)
+
+    model = sub.add_parser("model", help="convert the embedded model (once); print its folder")
+    model.add_argument("--cache", default=None, help="default: UFCAL_MODEL_CACHE")
+    model.set_defaults(func=_model)
 
     metrics = sub.add_parser("metrics", help="calibration metrics of a scored JSONL file")
     metrics.add_argument("file", help="JSONL with 'confidence' and 'correct' per line")

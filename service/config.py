@@ -49,7 +49,10 @@ class Settings(BaseSettings):
     engine_timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one engine call.")
 
     # In-process vLLM
-    vllm_dtype: Dtype = "auto"
+    vllm_dtype: Dtype = Field(
+        default="auto",
+        description="auto = float32 on CPU (deterministic reads), model dtype on GPU.",
+    )
     vllm_max_model_len: int = Field(default=4096, ge=256)
     vllm_block_size: int | None = Field(
         default=32, description="KV block size; 32 lets prefix caching hit on short prompts."

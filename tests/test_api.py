@@ -358,12 +358,6 @@ async def test_unscorable_is_422_saying_nothing_parsed() -> None:
     assert "none of the 4 sampled replies named an option" in detail
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: app.py puts str(exc) of engine errors in `detail` unchanged; a multi-line "
-    "engine message (vllm_local wraps arbitrary vLLM exceptions: f'vLLM failed: {exc}') "
-    "breaks the one-line ErrorResponse contract and can leak traceback text",
-)
 async def test_multiline_engine_error_gives_one_line_detail() -> None:
     message = (
         "vLLM failed: worker died\nTraceback (most recent call last):\n"
@@ -375,11 +369,6 @@ async def test_multiline_engine_error_gives_one_line_detail() -> None:
     _one_line(r.json()["detail"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a request eps above every P(a) (allowed: 0 <= eps < 1) empties the start "
-    "set; uf.fidelity raises ValueError and /score answers 500 Internal Server Error",
-)
 async def test_eps_above_every_probability_is_not_a_500() -> None:
     async with serve(white_box(), raise_app_exceptions=False) as client:
         r = await client.post("/score", json={**GOOD, "eps": 0.9})
@@ -387,12 +376,6 @@ async def test_eps_above_every_probability_is_not_a_500() -> None:
     assert r.status_code in (200, 422)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: create_app ignores the method defaults in Settings (UFCAL_MODE, "
-    "UFCAL_SAMPLES, UFCAL_TEMPERATURE, UFCAL_TAU): ScoreRequest hard-codes them and "
-    "score_params only takes eps and skip_mass from the settings",
-)
 @pytest.mark.parametrize(
     ("setting", "check"),
     [

@@ -326,12 +326,6 @@ async def test_engine_errors_propagate() -> None:
     assert engine.in_flight == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with eps above every P(a) (logprobs mode, eps < 1 is accepted) the start "
-    "set is empty and uf.fidelity raises a bare ValueError out of score() (HTTP 500); "
-    "the argmax should always start a chain, or the question be Unscorable",
-)
 async def test_eps_above_every_probability_does_not_crash() -> None:
     first = {"A": log(0.4), "B": log(0.3), "C": log(0.3)}
     engine = FakeEngine(letters=chain_script_letters(first, {}, 3))

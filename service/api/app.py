@@ -19,6 +19,7 @@ from service.api.protocol import (
     ScoreRequest,
     ScoreResponse,
     UsageOut,
+    ValidationErrorResponse,
 )
 from service.calibration.prompts import Question
 from service.config import Settings
@@ -69,13 +70,20 @@ def score_params(body: ScoreRequest, settings: Settings) -> ScoreParams:
     """Per-request parameters over the configured defaults."""
     return ScoreParams(
         method=body.method,
-        mode=body.mode,
-        samples=body.samples,
-        temperature=body.temperature,
-        tau=body.tau,
+        mode=body.mode or settings.mode,
+        samples=body.samples or settings.samples,
+        temperature=body.temperature or settings.temperature,
+        tau=body.tau or settings.tau,
         eps=settings.eps if body.eps is None else body.eps,
         skip_mass=settings.skip_mass,
     )
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An error as one short line: the first line of its message, never a traceback."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -123,11 +131,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.exception_handler(ServiceUnavailable)
     async def _unavailable(_: Request, exc: ServiceUnavailable) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse(
+            {"detail": one_line(exc)}, status_code=503, headers={"Retry-After": "5"}
+        )
 
     errors = {
         400: {"model": ErrorResponse, "description": "The engine lacks what the mode needs."},
-        422: {"model": ErrorResponse, "description": "Invalid input, or no reply named an option."},
+        422: {
+            "model": ValidationErrorResponse | ErrorResponse,
+            "description": "Invalid input (the error names the field), or no model reply "
+            "named an option (detail starts with 'cannot score').",
+        },
         502: {"model": ErrorResponse, "description": "The engine failed."},
         503: {"model": ErrorResponse, "description": "The engine is not ready or unreachable."},
     }
@@ -138,16 +152,21 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         engine_now = ready_engine()
         request_id = body.id or uuid.uuid4().hex
         question = Question(body.question, tuple(body.options))
+        params = score_params(body, settings)
         try:
-            result = await score(question, engine_now, score_params(body, settings), template)
+            result = await score(question, engine_now, params, template)
         except EngineFeatureMissing as exc:
-            return JSONResponse({"detail": f"mode {body.mode!r}: {exc}"}, status_code=400)
+            return JSONResponse(
+                {"detail": f"mode {params.mode!r}: {one_line(exc)}"}, status_code=400
+            )
         except EngineUnavailable as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+            return JSONResponse(
+                {"detail": one_line(exc)}, status_code=503, headers={"Retry-After": "5"}
+            )
         except EngineError as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=502)
+            return JSONResponse({"detail": one_line(exc)}, status_code=502)
         except Unscorable as exc:
-            return JSONResponse({"detail": f"cannot score: {exc}"}, status_code=422)
+            return JSONResponse({"detail": f"cannot score: {one_line(exc)}"}, status_code=422)
         return to_response(result, request_id)
 
     @app.get("/healthz", response_model=HealthResponse)

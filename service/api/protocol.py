@@ -37,16 +37,25 @@ class ScoreRequest(BaseModel):
         description="uf: (1 - Uncertainty) x Fidelity; fidelity: the ablation without the "
         "uncertainty factor.",
     )
-    mode: Literal["auto", "logprobs", "sampling"] = Field(
-        default="auto",
+    # Unset fields take the service's configured defaults (UFCAL_MODE, UFCAL_SAMPLES, ...).
+    mode: Literal["auto", "logprobs", "sampling"] | None = Field(
+        default=None,
         description="logprobs: one forward pass reads the option letters (white-box); "
-        "sampling: K sampled answers (black-box); auto: logprobs where the engine has them.",
+        "sampling: K sampled answers (black-box); auto: logprobs where the engine has them. "
+        "Default: UFCAL_MODE (auto).",
     )
-    samples: int = Field(default=10, ge=1, le=64, description="K, samples in sampling mode.")
-    temperature: float = Field(
-        default=1.0, gt=0, le=10, description="Sampling temperature, or T of the letter softmax."
+    samples: int | None = Field(
+        default=None, ge=1, le=64, description="K, samples in sampling mode (default 10)."
     )
-    tau: float = Field(default=2.0, gt=0, le=100, description="Fidelity chain position weight.")
+    temperature: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description="Sampling temperature, or T of the letter softmax (default 1.0).",
+    )
+    tau: float | None = Field(
+        default=None, gt=0, le=100, description="Fidelity chain position weight (default 2)."
+    )
     eps: float | None = Field(
         default=None,
         ge=0,
@@ -93,6 +102,18 @@ class ErrorResponse(BaseModel):
     """Every non-validation error: one line saying what went wrong."""
 
     detail: str
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int] = Field(description="Where: e.g. ['body', 'options', 0].")
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    """Invalid input: each issue names its field in ``loc``."""
+
+    detail: list[ValidationIssue]
 
 
 class HealthResponse(BaseModel):

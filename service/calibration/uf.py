@@ -57,10 +57,13 @@ def uncertainty(distribution: Sequence[float]) -> float:
 
 def start_set(distribution: Sequence[float], eps: float = 0.0) -> list[int]:
     """Options that start a fidelity chain: P(a) > 0 when ``eps`` is 0 (sampling mode),
-    P(a) >= eps otherwise (logprobs mode). Ordered by index."""
+    P(a) >= eps otherwise (logprobs mode). Ordered by index. Never empty: when ``eps``
+    exceeds every P(a), the answer (argmax) alone starts a chain."""
     if eps <= 0:
-        return [i for i, p in enumerate(distribution) if p > 0]
-    return [i for i, p in enumerate(distribution) if p >= eps]
+        starts = [i for i, p in enumerate(distribution) if p > 0]
+    else:
+        starts = [i for i, p in enumerate(distribution) if p >= eps]
+    return starts or [answer_index(distribution)]
 
 
 def bounded_start_set(

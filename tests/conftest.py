@@ -1,0 +1,65 @@
+"""Session fixtures: the embedded model, a real vLLM OpenAI server on it, and real
+``ufcal serve`` processes (one on that server, one with the in-process engine)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.servers import SHARED_DATA, ServerProcess, running, ufcal_server, vllm_server
+
+START_TIMEOUT_S = 300.0
+
+
+@pytest.fixture(scope="session")
+def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("server-logs")
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from service.config import Settings
+    from service.engines.embedded import prepare_embedded_model
+
+    return prepare_embedded_model(Settings().model_cache)
+
+
+@pytest.fixture(scope="session")
+def vllm(model_dir: Path, server_logs: Path) -> Iterator[ServerProcess]:
+    """A real vLLM OpenAI-compatible server serving the embedded SmolLM2 on CPU."""
+    with running(vllm_server(model_dir, server_logs), "/health", START_TIMEOUT_S) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ufcal_remote(vllm: ServerProcess, server_logs: Path) -> Iterator[ServerProcess]:
+    """``ufcal serve`` using the vLLM server through UFCAL_ENGINE_URL."""
+    server = ufcal_server(server_logs, "ufcal-remote", {"UFCAL_ENGINE_URL": vllm.base_url})
+    with running(server, "/readyz", START_TIMEOUT_S) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def ufcal_local(model_dir: Path, server_logs: Path) -> Iterator[ServerProcess]:
+    """``ufcal serve`` with the in-process vLLM engine on the embedded model (make serve)."""
+    server = ufcal_server(server_logs, "ufcal-local", {})
+    with running(server, "/readyz", START_TIMEOUT_S) as started:
+        yield started
+
+
+def load_questions(name: str, limit: int) -> list[dict[str, Any]]:
+    """The first ``limit`` questions of a shared MCQA file."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.fail(f"evaluation data missing: {path} (../shared must sit beside the repo)")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            rows.append(json.loads(line))
+            if len(rows) >= limit:
+                break
+    return rows

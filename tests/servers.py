@@ -1,0 +1,134 @@
+"""Start real servers for the tests: vLLM's OpenAI server and ``ufcal serve``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data" / "mcqa"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_env() -> dict[str, str]:
+    """What vLLM's CPU backend needs here (measured: without the binding it uses one core)."""
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{max(0, (os.cpu_count() or 1) - 1)}",
+    }
+
+
+class ServerProcess:
+    """A subprocess serving HTTP on ``base_url``, its output in ``log_path``."""
+
+    def __init__(
+        self, name: str, argv: list[str], env: Mapping[str, str], port: int, log_dir: Path
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = {**os.environ, **env}
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServerProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        return self
+
+    def wait_ready(self, path: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited ({self.process.returncode}):\n{self.tail()}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.base_url + path, timeout=2.0).status_code == 200:
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after {timeout_s} s:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait(10)
+
+
+def vllm_server(model_dir: Path, log_dir: Path) -> ServerProcess:
+    """vLLM's OpenAI-compatible server on CPU with the flags measured to work here."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        EMBEDDED_NAME,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enforce-eager",
+        "--dtype",
+        "float32",
+        "--block-size",
+        "32",
+        "--max-model-len",
+        "4096",
+    ]
+    return ServerProcess("vllm", argv, cpu_env(), port, log_dir)
+
+
+def ufcal_server(log_dir: Path, name: str, env: Mapping[str, str]) -> ServerProcess:
+    """``ufcal serve`` as a user runs it."""
+    port = free_port()
+    argv = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    return ServerProcess(name, argv, {**cpu_env(), **env}, port, log_dir)
+
+
+@contextlib.contextmanager
+def running(server: ServerProcess, ready_path: str, timeout_s: float) -> Iterator[ServerProcess]:
+    server.start()
+    try:
+        server.wait_ready(ready_path, timeout_s)
+        yield server
+    finally:
+        server.stop()
