@@ -17,8 +17,10 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.api.app import create_app
+    from service.telemetry import configure_logging
 
     settings = Settings()
+    configure_logging(settings.log_level)
     host = args.host or settings.host
     port = args.port or settings.port
     uvicorn.run(
@@ -26,6 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         log_level=settings.log_level,
+        log_config=None,  # keep the JSON log lines configured above
         timeout_graceful_shutdown=30,
     )
     return 0
@@ -58,8 +61,8 @@ def _questions(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
 
 
 async def _score_all(args: argparse.Namespace) -> int:
-    from service.api.app import score_params, to_response
-    from service.api.protocol import ScoreRequest
+    from service.api.score.protocol import ScoreRequest
+    from service.api.score.serving import score_params, to_response
     from service.calibration.prompts import Question
     from service.engines import build_engine
     from service.scoring import Unscorable, score

@@ -1,4 +1,4 @@
-"""The wire contract of the HTTP API: request and response models."""
+"""The wire contract of ``POST /score``: request and response models."""
 
 from __future__ import annotations
 
@@ -96,27 +96,3 @@ class ScoreResponse(BaseModel):
     model: str
     usage: UsageOut
     latency_ms: float
-
-
-class ErrorResponse(BaseModel):
-    """Every non-validation error: one line saying what went wrong."""
-
-    detail: str
-
-
-class ValidationIssue(BaseModel):
-    loc: list[str | int] = Field(description="Where: e.g. ['body', 'options', 0].")
-    msg: str
-    type: str
-
-
-class ValidationErrorResponse(BaseModel):
-    """Invalid input: each issue names its field in ``loc``."""
-
-    detail: list[ValidationIssue]
-
-
-class HealthResponse(BaseModel):
-    status: str
-    model: str | None = None
-    detail: str | None = None

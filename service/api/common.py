@@ -1,0 +1,97 @@
+"""What every endpoint shares: the app's state, error shaping and error responses."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from service.calibration.prompts import PromptTemplate
+from service.config import Settings
+from service.engines.base import Engine, EngineError, EngineFeatureMissing, EngineUnavailable
+from service.scoring import Unscorable
+from service.telemetry import Telemetry
+
+
+class ErrorResponse(BaseModel):
+    """Every non-validation error: one line saying what went wrong."""
+
+    detail: str
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int] = Field(description="Where: e.g. ['body', 'options', 0].")
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    """Invalid input: each issue names its field in ``loc``."""
+
+    detail: list[ValidationIssue]
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The engine lacks what the mode needs."},
+    422: {
+        "model": ValidationErrorResponse | ErrorResponse,
+        "description": "Invalid input (the error names the field), or no model reply "
+        "named an option (detail starts with 'cannot score').",
+    },
+    502: {"model": ErrorResponse, "description": "The engine failed."},
+    503: {"model": ErrorResponse, "description": "The engine is not ready or unreachable."},
+}
+
+
+class ServiceUnavailable(Exception):
+    """The engine is not ready yet (or any more)."""
+
+
+@dataclass
+class AppState:
+    """Everything the endpoints share, built once per app."""
+
+    settings: Settings
+    telemetry: Telemetry
+    template: PromptTemplate
+    engine: Engine | None = None
+    engine_error: str | None = None
+    engine_task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def ready_engine(self) -> Engine:
+        """The engine, or ``ServiceUnavailable`` while it starts or after it failed."""
+        if self.engine is None:
+            raise ServiceUnavailable(self.engine_error or "the engine is starting")
+        return self.engine
+
+
+def app_state(request: Request) -> AppState:
+    """FastAPI dependency: the app's state."""
+    state: AppState = request.app.state.ufcal
+    return state
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An error as one short line: the first line of its message, never a traceback."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].strip() if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_response(exc: Exception, mode: str) -> JSONResponse:
+    """The HTTP reply for a scoring failure (500 for a bug: logged, never shown)."""
+    if isinstance(exc, EngineFeatureMissing):
+        return JSONResponse({"detail": f"mode {mode!r}: {one_line(exc)}"}, status_code=400)
+    if isinstance(exc, EngineUnavailable | ServiceUnavailable):
+        return JSONResponse(
+            {"detail": one_line(exc)}, status_code=503, headers={"Retry-After": "5"}
+        )
+    if isinstance(exc, EngineError):
+        return JSONResponse({"detail": one_line(exc)}, status_code=502)
+    if isinstance(exc, Unscorable):
+        return JSONResponse({"detail": f"cannot score: {one_line(exc)}"}, status_code=422)
+    return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)

@@ -1,0 +1,139 @@
+"""``POST /score``: validate, call the scorer, shape the reply, record it."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from service.api.common import ERROR_RESPONSES, AppState, app_state, error_response
+from service.api.score.protocol import AnswerOut, ScoreRequest, ScoreResponse, UsageOut
+from service.calibration.prompts import Question
+from service.config import Settings
+from service.scoring import ScoreParams, ScoreResult, score
+from service.telemetry import score_log_fields
+
+log = logging.getLogger("ufcal.score")
+router = APIRouter()
+
+
+def score_params(body: ScoreRequest, settings: Settings) -> ScoreParams:
+    """Per-request parameters over the configured defaults."""
+    return ScoreParams(
+        method=body.method,
+        mode=body.mode or settings.mode,
+        samples=body.samples or settings.samples,
+        temperature=body.temperature or settings.temperature,
+        tau=body.tau or settings.tau,
+        eps=settings.eps if body.eps is None else body.eps,
+        skip_mass=settings.skip_mass,
+    )
+
+
+def to_response(result: ScoreResult, request_id: str) -> ScoreResponse:
+    """Shape a scoring result into the wire format (options by label)."""
+    labels = result.question.labels
+    return ScoreResponse(
+        id=request_id,
+        answer=AnswerOut(
+            index=result.answer,
+            label=labels[result.answer],
+            text=result.question.options[result.answer],
+        ),
+        confidence=result.confidence,
+        uncertainty=result.uncertainty,
+        distribution=dict(zip(labels, result.distribution, strict=True)),
+        fidelity=dict(zip(labels, result.fidelity, strict=True)),
+        chains={labels[s]: [labels[i] for i in chain] for s, chain in result.chains.items()},
+        method=result.method,
+        mode=result.mode,
+        model=result.model,
+        usage=UsageOut(**vars(result.usage)),
+        latency_ms=round(result.latency_s * 1000.0, 3),
+    )
+
+
+async def score_request(state: AppState, body: ScoreRequest) -> ScoreResponse | JSONResponse:
+    """Score one validated request, record its metrics and log line."""
+    started = time.perf_counter()
+    request_id = body.id or uuid.uuid4().hex
+    params = score_params(body, state.settings)
+    question = Question(body.question, tuple(body.options))
+    telemetry = state.telemetry
+    with telemetry.in_flight():
+        try:
+            result = await score(question, state.ready_engine(), params, state.template)
+        except Exception as exc:
+            reply = error_response(exc, params.mode)
+            elapsed = time.perf_counter() - started
+            telemetry.observe_error(params.method, params.mode, reply.status_code, elapsed)
+            log.log(
+                logging.ERROR if reply.status_code == 500 else logging.WARNING,
+                "score failed",
+                exc_info=reply.status_code == 500,
+                extra={
+                    "fields": score_log_fields(
+                        request_id=request_id,
+                        model=state.engine.model if state.engine else "",
+                        method=params.method,
+                        mode=params.mode,
+                        answer=None,
+                        confidence=None,
+                        uncertainty=None,
+                        engine_calls=0,
+                        latency_ms=elapsed * 1000.0,
+                        status=reply.status_code,
+                        error=bytes(reply.body).decode(errors="replace"),
+                        log_text=state.settings.log_text,
+                        question=body.question,
+                        options=body.options,
+                    )
+                },
+            )
+            return reply
+    response = to_response(result, request_id)
+    usage = result.usage
+    telemetry.observe_score(
+        result.method,
+        result.mode,
+        200,
+        result.latency_s,
+        usage.engine_calls,
+        usage.prompts,
+        result.confidence,
+        result.uncertainty,
+        usage.unparsed,
+    )
+    log.info(
+        "scored",
+        extra={
+            "fields": score_log_fields(
+                request_id=request_id,
+                model=result.model,
+                method=result.method,
+                mode=result.mode,
+                answer=response.answer.label,
+                confidence=result.confidence,
+                uncertainty=result.uncertainty,
+                engine_calls=usage.engine_calls,
+                latency_ms=response.latency_ms,
+                status=200,
+                log_text=state.settings.log_text,
+                question=body.question,
+                options=body.options,
+            )
+        },
+    )
+    return response
+
+
+@router.post("/score", response_model=ScoreResponse, responses=ERROR_RESPONSES)
+async def score_question(
+    body: ScoreRequest, state: Annotated[AppState, Depends(app_state)]
+) -> ScoreResponse | JSONResponse:
+    """Answer a multiple-choice question with a calibrated confidence."""
+    return await score_request(state, body)
