@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     )
 
     # HTTP
+    max_batch_size: int = Field(default=256, ge=1, description="Items in one /score/batch.")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: str = "info"

@@ -96,3 +96,34 @@ class ScoreResponse(BaseModel):
     model: str
     usage: UsageOut
     latency_ms: float
+
+
+class BatchScoreRequest(BaseModel):
+    """Many questions in one request; each is scored as by ``POST /score``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ScoreRequest] = Field(
+        min_length=1, description="The questions, each a /score request body."
+    )
+
+
+class BatchItemError(BaseModel):
+    status: int = Field(description="The HTTP status /score would have answered.")
+    detail: str
+
+
+class BatchItem(BaseModel):
+    """One item's outcome: ``result`` on success, else ``error``."""
+
+    index: int = Field(description="Position of the item in the request.")
+    result: ScoreResponse | None = None
+    error: BatchItemError | None = None
+
+
+class BatchScoreResponse(BaseModel):
+    """Results in the order of the request's items (per-item errors, not all-or-nothing)."""
+
+    results: list[BatchItem]
+    succeeded: int
+    failed: int

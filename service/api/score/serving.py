@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
 import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service.api.common import ERROR_RESPONSES, AppState, app_state, error_response
-from service.api.score.protocol import AnswerOut, ScoreRequest, ScoreResponse, UsageOut
+from service.api.score.protocol import (
+    AnswerOut,
+    BatchItem,
+    BatchItemError,
+    BatchScoreRequest,
+    BatchScoreResponse,
+    ScoreRequest,
+    ScoreResponse,
+    UsageOut,
+)
 from service.calibration.prompts import Question
 from service.config import Settings
 from service.scoring import ScoreParams, ScoreResult, score
@@ -137,3 +149,37 @@ async def score_question(
 ) -> ScoreResponse | JSONResponse:
     """Answer a multiple-choice question with a calibrated confidence."""
     return await score_request(state, body)
+
+
+def _batch_item(index: int, outcome: ScoreResponse | JSONResponse) -> BatchItem:
+    if isinstance(outcome, ScoreResponse):
+        return BatchItem(index=index, result=outcome)
+    detail = json.loads(bytes(outcome.body)).get("detail", "")
+    return BatchItem(
+        index=index, error=BatchItemError(status=outcome.status_code, detail=str(detail))
+    )
+
+
+@router.post("/score/batch", response_model=BatchScoreResponse, responses=ERROR_RESPONSES)
+async def score_batch(
+    body: BatchScoreRequest, state: Annotated[AppState, Depends(app_state)]
+) -> BatchScoreResponse:
+    """Score many questions at once; results come back in order, each with its own status.
+
+    All items are in flight together, so the engine batches their prompts."""
+    if len(body.items) > state.settings.max_batch_size:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("body", "items"),
+                    "msg": f"at most {state.settings.max_batch_size} items per batch "
+                    "(UFCAL_MAX_BATCH_SIZE)",
+                    "type": "too_long",
+                    "input": len(body.items),
+                }
+            ]
+        )
+    outcomes = await asyncio.gather(*(score_request(state, item) for item in body.items))
+    results = [_batch_item(i, outcome) for i, outcome in enumerate(outcomes)]
+    failed = sum(1 for r in results if r.error is not None)
+    return BatchScoreResponse(results=results, succeeded=len(results) - failed, failed=failed)
