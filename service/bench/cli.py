@@ -1,0 +1,75 @@
+"""``ufcal bench``: run the variants and the overhead, print the table, write the JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from service.config import Settings
+
+from .runner import format_table, load_questions, machine, ratios, run_engine_variants, stats_rows
+
+
+async def _engine_part(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from service.engines import build_engine
+
+    data = Path(args.data)
+    questions = load_questions(data, args.n)
+    engine = await build_engine(settings)
+    await engine.start()
+    try:
+        results = await run_engine_variants(
+            engine,
+            questions,
+            settings.prompt_template(),
+            variants=list(args.variants),
+            concurrency=args.concurrency,
+            samples=args.samples,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    finally:
+        await engine.close()
+    return {
+        "engine": ",".join(settings.engine_urls) or "in-process vLLM",
+        "model": engine.model,
+        "dataset": data.name,
+        "n": len(questions),
+        "variants": stats_rows(results),
+        "ratios": ratios(results),
+    }
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """Run the benchmark; print the table; write the JSON report."""
+    overrides = {"engine_url": args.engine_url} if args.engine_url else {}
+    settings = Settings(**overrides)
+    started = time.perf_counter()
+    report: dict[str, Any] = {
+        "engine": "-",
+        "model": "-",
+        "dataset": "-",
+        "n": 0,
+        "variants": [],
+        "ratios": {},
+        "machine": machine(),
+        "command": "ufcal " + " ".join(sys.argv[1:]),
+    }
+    if not args.no_engine:
+        report.update(asyncio.run(_engine_part(args, settings)))
+    if not args.no_overhead:
+        from .overhead import measure_overhead
+
+        print("service overhead ...", file=sys.stderr, flush=True)
+        report["overhead"] = measure_overhead(requests=args.overhead_requests)
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_table(report))
+    print(f"\nreport: {out}", file=sys.stderr)
+    return 0

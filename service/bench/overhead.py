@@ -1,0 +1,159 @@
+"""The service's own overhead: /score through a real uvicorn with an engine that answers
+instantly, so what is measured is HTTP, validation, scoring logic, metrics and logging."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import httpx
+from fastapi import FastAPI
+
+from service.calibration.prompts import Prompt
+from service.config import Settings
+from service.engines.base import Generation, GenerationParams, LetterRead
+
+QUESTION = {
+    "question": "Which gas do plants take from the air for photosynthesis?",
+    "options": ["Oxygen", "Carbon dioxide", "Nitrogen", "Helium"],
+}
+
+
+class InstantEngine:
+    """Answers at once: P = (0.2, 0.6, 0.15, 0.05) and every chain stays with its start,
+    so one /score is 1 read plus one batch of 4 chain prompts, like a real question."""
+
+    _FIRST: ClassVar[dict[str, float]] = {"A": -1.609, "B": -0.511, "C": -1.897, "D": -2.996}
+
+    @property
+    def model(self) -> str:
+        return "instant"
+
+    @property
+    def supports_letter_logprobs(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def ready(self) -> bool:
+        return True
+
+    async def read_letters(
+        self, prompts: Sequence[Prompt], labels: Sequence[Sequence[str]]
+    ) -> list[LetterRead]:
+        reads = []
+        for prompt, wanted in zip(prompts, labels, strict=True):
+            if "All other options are wrong." in prompt.user:
+                start = prompt.user.split("All other options are wrong.")[0][-3]
+                logprobs = {label: (0.0 if label == start else -5.0) for label in wanted}
+            else:
+                logprobs = {label: self._FIRST.get(label, -9.0) for label in wanted}
+            reads.append(LetterRead(logprobs, prompt_tokens=60))
+        return reads
+
+    async def generate(
+        self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]
+    ) -> list[Generation]:
+        return [Generation([" B"] * p.n, 60, p.n) for p in params]
+
+    async def close(self) -> None:
+        return None
+
+
+def instant_app() -> FastAPI:
+    """uvicorn factory: the real app over the instant engine."""
+    from service.api.app import create_app
+
+    return create_app(Settings(), engine=InstantEngine())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def instant_server() -> Any:
+    """Run ``instant_app`` under uvicorn in a subprocess; yield its base URL."""
+    port = _free_port()
+    env = {**os.environ, "UFCAL_LOG_LEVEL": "warning"}
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "uvicorn", "--factory", "service.bench.overhead:instant_app",
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+            "--no-access-log",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("the instant-engine server did not start")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def load(url: str, concurrency: int, requests: int) -> dict[str, Any]:
+    """Send ``requests`` POST /score with ``concurrency`` in flight; latency and rate."""
+    latencies: list[float] = []
+    errors = 0
+    remaining = iter(range(requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+
+        async def worker() -> None:
+            nonlocal errors
+            for _ in remaining:
+                started = time.perf_counter()
+                response = await client.post("/score", json=QUESTION)
+                latencies.append((time.perf_counter() - started) * 1000.0)
+                if response.status_code != 200:
+                    errors += 1
+
+        for _ in range(min(concurrency, 20)):  # warm-up connections
+            await client.get("/healthz")
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    latencies.sort()
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q / 100 * len(latencies)))]
+
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(requests / wall, 1),
+        "p50_ms": round(pct(50), 2),
+        "p99_ms": round(pct(99), 2),
+        "errors": errors,
+    }
+
+
+def measure_overhead(
+    concurrencies: Sequence[int] = (1, 8, 64), requests: int = 2000
+) -> list[dict[str, Any]]:
+    """The overhead table: one row per concurrency."""
+    with instant_server() as url:
+        asyncio.run(load(url, 8, 200))  # warm-up
+        return [asyncio.run(load(url, c, requests)) for c in concurrencies]

@@ -1,0 +1,238 @@
+"""Run the benchmark variants over one engine and the same questions, and report them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.calibration.prompts import (
+    PromptTemplate,
+    Question,
+    all_options,
+    parse_answer,
+    render,
+)
+from service.engines.base import Engine, GenerationParams
+from service.scoring import SAMPLE_MAX_TOKENS, ScoreParams, Unscorable, Usage, score
+
+from .naive import naive_uf_sampling
+
+QuestionFn = Callable[[Question], Awaitable[Usage]]
+
+VARIANTS = {
+    "a": "plain answer (1 greedy answer, no confidence)",
+    "b": "UF logprobs (lockstep batches)",
+    "c": "UF sampling K=10 (lockstep batches)",
+    "d": "naive paper-style UF sampling K=10 (sequential)",
+}
+
+
+@dataclass
+class VariantStats:
+    """What one variant cost over the benchmark's questions."""
+
+    key: str
+    name: str
+    questions: int
+    failed: int
+    wall_s: float
+    concurrency: int
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+    prompts: int = 0
+    engine_calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def qps(self) -> float:
+        return self.questions / self.wall_s if self.wall_s > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        ordered = sorted(self.latencies_ms)
+        index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+        return ordered[index]
+
+    def per_question(self, total: int) -> float:
+        done = self.questions - self.failed
+        return total / done if done else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "variant": self.key,
+            "name": self.name,
+            "questions": self.questions,
+            "failed": self.failed,
+            "concurrency": self.concurrency,
+            "wall_s": round(self.wall_s, 3),
+            "questions_per_s": round(self.qps, 3),
+            "p50_ms": round(self.percentile(50), 1),
+            "p99_ms": round(self.percentile(99), 1),
+            "engine_calls_per_q": round(self.per_question(self.engine_calls), 2),
+            "prompts_per_q": round(self.per_question(self.prompts), 2),
+            "prompt_tokens_per_q": round(self.per_question(self.prompt_tokens), 1),
+            "completion_tokens_per_q": round(self.per_question(self.completion_tokens), 1),
+        }
+
+
+async def plain_answer(question: Question, engine: Engine, template: PromptTemplate) -> Usage:
+    """One greedy answer, parsed: what answering costs without any confidence."""
+    prompt = render(question, all_options(question), template)
+    params = GenerationParams(n=1, temperature=0.0, max_tokens=SAMPLE_MAX_TOKENS)
+    generation = (await engine.generate([prompt], [params]))[0]
+    parse_answer(generation.texts[0] if generation.texts else "", question.labels)
+    return Usage(
+        engine_calls=1,
+        prompts=1,
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+    )
+
+
+async def run_variant(
+    key: str, questions: Sequence[Question], fn: QuestionFn, concurrency: int
+) -> VariantStats:
+    """Run ``fn`` over every question with at most ``concurrency`` in flight."""
+    stats = VariantStats(key, VARIANTS[key], len(questions), 0, 0.0, concurrency)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(question: Question) -> None:
+        async with gate:
+            started = time.perf_counter()
+            try:
+                usage = await fn(question)
+            except Unscorable:
+                stats.failed += 1
+                return
+            stats.latencies_ms.append((time.perf_counter() - started) * 1000.0)
+            stats.prompts += usage.prompts
+            stats.engine_calls += usage.engine_calls
+            stats.prompt_tokens += usage.prompt_tokens
+            stats.completion_tokens += usage.completion_tokens
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(q) for q in questions))
+    stats.wall_s = time.perf_counter() - started
+    return stats
+
+
+async def run_engine_variants(
+    engine: Engine,
+    questions: Sequence[Question],
+    template: PromptTemplate,
+    *,
+    variants: Sequence[str] = ("a", "b", "c", "d"),
+    concurrency: int = 32,
+    samples: int = 10,
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, VariantStats]:
+    """(a) plain, (b) UF logprobs, (c) UF sampling, (d) naive; same engine, same questions."""
+
+    async def uf_mode(mode: str, question: Question) -> Usage:
+        params = ScoreParams(mode=mode, samples=samples)  # type: ignore[arg-type]
+        return (await score(question, engine, params, template)).usage
+
+    async def naive(question: Question) -> Usage:
+        return (await naive_uf_sampling(question, engine, template, samples=samples)).usage
+
+    runners: dict[str, tuple[QuestionFn, int]] = {
+        "a": (lambda q: plain_answer(q, engine, template), concurrency),
+        "b": (lambda q: uf_mode("logprobs", q), concurrency),
+        "c": (lambda q: uf_mode("sampling", q), concurrency),
+        "d": (naive, 1),  # one question at a time: the naive reference
+    }
+    # Warm the engine (first-call compilation, prefix cache of the shared system prompt)
+    # on questions outside the measured set's answers, so no variant pays it alone.
+    await run_variant("b", questions[:2], runners["b"][0], 2)
+    results: dict[str, VariantStats] = {}
+    for key in variants:
+        fn, limit = runners[key]
+        progress(f"variant {key}: {VARIANTS[key]} ...")
+        results[key] = await run_variant(key, questions, fn, limit)
+        progress(f"variant {key}: {results[key].qps:.2f} questions/s")
+    return results
+
+
+def ratios(results: dict[str, VariantStats]) -> dict[str, float]:
+    """Throughput ratios b/a, c/a, b/d, c/d (questions per second)."""
+    out: dict[str, float] = {}
+    for num, den in (("b", "a"), ("c", "a"), ("b", "d"), ("c", "d")):
+        if num in results and den in results and results[den].qps > 0:
+            out[f"{num}/{den}"] = round(results[num].qps / results[den].qps, 3)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    import os
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The human-readable table of a benchmark report."""
+    lines = [
+        f"engine: {report['engine']}  model: {report['model']}  questions: {report['n']} "
+        f"({report['dataset']})",
+        "",
+        "| variant | q/s | p50 ms | p99 ms | calls/q | prompts/q | prompt tok/q "
+        "| completion tok/q | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["variants"]:
+        lines.append(
+            f"| {row['variant']}: {row['name']} | {row['questions_per_s']:.2f} "
+            f"| {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['engine_calls_per_q']:.2f} "
+            f"| {row['prompts_per_q']:.2f} | {row['prompt_tokens_per_q']:.0f} "
+            f"| {row['completion_tokens_per_q']:.0f} | {row['failed']} |"
+        )
+    if report.get("ratios"):
+        lines += [
+            "",
+            "throughput ratios: "
+            + ", ".join(f"{k} = {v:.2f}" for k, v in report["ratios"].items()),
+        ]
+    overhead = report.get("overhead")
+    if overhead:
+        lines += [
+            "",
+            "service overhead (/score over real uvicorn, instant in-process engine):",
+            "| concurrency | requests | req/s | p50 ms | p99 ms | errors |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in overhead:
+            lines.append(
+                f"| {row['concurrency']} | {row['requests']} | {row['requests_per_s']:.0f} "
+                f"| {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} |"
+            )
+    return "\n".join(lines)
+
+
+def stats_rows(results: dict[str, VariantStats]) -> list[dict[str, Any]]:
+    return [results[k].summary() for k in sorted(results)]
+
+
+def load_questions(path: Path, n: int) -> list[Question]:
+    """The first ``n`` questions of an MCQA JSONL file (the shared data format)."""
+    questions: list[Question] = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            questions.append(Question(str(row["question"]), tuple(map(str, row["options"]))))
+            if len(questions) >= n:
+                break
+    return questions

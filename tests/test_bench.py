@@ -1,0 +1,102 @@
+"""The benchmark: the naive reference computes the same method; a short real run works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from service.bench.naive import naive_uf_sampling
+from service.bench.overhead import InstantEngine
+from service.bench.runner import format_table, ratios, run_engine_variants
+from service.calibration.prompts import Prompt, PromptTemplate, Question
+from service.engines.base import GenerationParams
+from service.scoring import ScoreParams, score
+from tests.fakes import FakeEngine, chain_script_generate, parse_prompt
+from tests.servers import ROOT, SHARED_DATA, ServerProcess
+
+SAMPLES = [" D", "D.", "(D)", "A", "Answer: A", "The answer is C", " D", " D", "A", "x"]
+REPLIES: dict[str, list[str | None]] = {"D": [" A", " C"], "A": [" D", " C"], "C": [" A", " D"]}
+Q5 = Question("Which one?", ("alpha", "beta", "gamma", "delta", "epsilon"))
+
+
+async def test_naive_reference_matches_the_lockstep_scorer() -> None:
+    """Same replies in, same numbers out: the naive way differs only in how it calls."""
+    template = PromptTemplate()
+    script = chain_script_generate(SAMPLES, REPLIES, 5)
+    replies = iter(SAMPLES)
+
+    def one_at_a_time(prompt: Prompt, params: GenerationParams) -> Sequence[str]:
+        """The naive way asks for one sample per call: the same ten replies, in order."""
+        if parse_prompt(prompt).substituted is None:
+            return [next(replies)]
+        return script(prompt, params)
+
+    naive_engine = FakeEngine(generate=one_at_a_time)
+    fast_engine = FakeEngine(generate=script)
+    naive = await naive_uf_sampling(Q5, naive_engine, template, samples=10)
+    fast = await score(Q5, fast_engine, ScoreParams(mode="sampling", samples=10), template)
+    assert naive.distribution == fast.distribution
+    assert naive.chains == fast.chains
+    assert naive.confidence == pytest.approx(fast.confidence)
+    assert naive.usage.unparsed == fast.usage.unparsed
+    # The naive way: one prompt per call; the scorer: one call per lockstep step.
+    assert naive.usage.engine_calls == naive.usage.prompts
+    assert fast.usage.engine_calls < naive.usage.engine_calls
+    assert max(len(c.prompts) for c in naive_engine.calls) == 1
+
+
+async def test_variants_report_on_an_instant_engine() -> None:
+    questions = [Q5, Question("2 + 2?", ("3", "4", "5", "6"))] * 3
+    results = await run_engine_variants(
+        InstantEngine(), questions, PromptTemplate(), concurrency=4, samples=10
+    )
+    assert set(results) == {"a", "b", "c", "d"}
+    for stats in results.values():
+        assert stats.questions == 6 and stats.failed == 0
+        assert len(stats.latencies_ms) == 6
+    assert results["a"].per_question(results["a"].prompts) == 1
+    assert set(ratios(results)) == {"b/a", "c/a", "b/d", "c/d"}
+    table = format_table(
+        {
+            "engine": "instant",
+            "model": "instant",
+            "n": 6,
+            "dataset": "-",
+            "variants": [r.summary() for r in results.values()],
+            "ratios": ratios(results),
+        }
+    )
+    assert "b: UF logprobs" in table and "b/d" in table
+
+
+@pytest.mark.integration
+def test_bench_short_run_on_the_real_engine(vllm: ServerProcess, tmp_path: Path) -> None:
+    """`ufcal bench --n 10` end to end on the vLLM server (correctness, not timing)."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "service.cli", "bench", "--n", "10",
+            "--data", str(SHARED_DATA / "arc_challenge_test.jsonl"),
+            "--engine-url", vllm.base_url, "--overhead-requests", "100", "--out", str(out),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in report["variants"]}
+    assert set(rows) == {"a", "b", "c", "d"}
+    for row in rows.values():
+        assert row["questions"] == 10
+        assert row["failed"] == 0
+        assert row["questions_per_s"] > 0
+    assert rows["a"]["prompts_per_q"] == 1
+    assert rows["b"]["prompts_per_q"] > 1
+    assert set(report["ratios"]) == {"b/a", "c/a", "b/d", "c/d"}
+    assert [row["concurrency"] for row in report["overhead"]] == [1, 8, 64]
+    assert all(row["errors"] == 0 for row in report["overhead"])
+    assert "throughput ratios" in done.stdout
