@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,8 +16,6 @@ from service.config import Settings
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.api.app import create_app
     from service.telemetry import configure_logging
 
@@ -23,15 +23,36 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     host = args.host or settings.host
     port = args.port or settings.port
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level=settings.log_level,
-        log_config=None,  # keep the JSON log lines configured above
-        timeout_graceful_shutdown=30,
+    return run_server(create_app(settings), settings, host, port)
+
+
+def run_server(app: Any, settings: Settings, host: str, port: int) -> int:
+    """Serve ``app`` until SIGTERM/SIGINT: stop accepting, let in-flight requests finish
+    within ``UFCAL_SHUTDOWN_GRACE_S``, then exit 0; or exit non-zero when the app asks for
+    it (the in-process engine died, so the orchestrator should restart the service)."""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=settings.log_level,
+            log_config=None,  # keep the JSON log lines configured above
+            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+        )
     )
-    return 0
+
+    def request_shutdown() -> None:  # the same path as SIGTERM: drain, then stop
+        server.should_exit = True
+
+    app.state.request_shutdown = request_shutdown
+    # uvicorn re-raises the signal it caught once it has drained; with these handlers that
+    # ends here (exit 0) instead of killing the process by the default SIGTERM action.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    server.run()
+    return int(getattr(app.state.ufcal, "exit_code", 0) or 0)
 
 
 def _questions(args: argparse.Namespace) -> Iterator[dict[str, Any]]:

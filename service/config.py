@@ -94,6 +94,50 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_text: bool = Field(default=False, description="Log question and option text.")
 
+    # Limits: each refusal is a 4xx naming the limit (docs/reliability.md)
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Largest request body (413 beyond it)."
+    )
+    max_options: int = Field(default=26, ge=2, le=26, description="Options per question.")
+    max_question_chars: int = Field(default=8000, ge=1, description="Length of a question.")
+    max_option_chars: int = Field(default=2000, ge=1, description="Length of one option.")
+    max_samples: int = Field(default=64, ge=1, le=64, description="Largest K per request.")
+
+    # Authentication
+    api_keys: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated API keys (bearer tokens); empty = no authentication.",
+    )
+    metrics_auth: bool = Field(default=False, description="/metrics also needs an API key.")
+
+    # Backpressure, deadlines, engine faults, shutdown
+    max_concurrency: int = Field(
+        default=16, ge=1, description="Requests (or batch items) scored at once."
+    )
+    max_queue: int = Field(
+        default=64, ge=0, description="Requests waiting for a slot; beyond it 429 at once."
+    )
+    request_timeout_s: float = Field(
+        default=60.0, gt=0, description="Deadline of one request, queueing included (504)."
+    )
+    engine_retry_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long an engine call retries connection errors before 503.",
+    )
+    health_interval_s: float = Field(
+        default=2.0, gt=0, description="How often the engine's health is probed."
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0, description="SIGTERM: how long in-flight requests may finish."
+    )
+
+    def api_key_list(self) -> list[str]:
+        """The configured API keys (empty: authentication is off)."""
+        if self.api_keys is None:
+            return []
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
     @cached_property
     def engine_urls(self) -> list[str]:
         """The engine URLs as a list (empty = in-process engine)."""

@@ -132,3 +132,20 @@ def running(server: ServerProcess, ready_path: str, timeout_s: float) -> Iterato
         yield server
     finally:
         server.stop()
+
+
+def fake_server(
+    log_dir: Path,
+    name: str,
+    env: Mapping[str, str],
+    *,
+    delay: float = 0.0,
+    die_after: float | None = None,
+    port: int | None = None,
+) -> ServerProcess:
+    """``ufcal serve`` over the fake engine (``tests/fake_server.py``) as a real process."""
+    port = port or free_port()
+    argv = [sys.executable, "-m", "tests.fake_server", "--port", str(port), "--delay", str(delay)]
+    if die_after is not None:
+        argv += ["--die-after", str(die_after)]
+    return ServerProcess(name, argv, {"UFCAL_LOG_LEVEL": "warning", **env}, port, log_dir)

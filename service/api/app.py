@@ -13,8 +13,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from service.api.common import AppState, ServiceUnavailable, app_state, one_line
+from service.api import security
+from service.api.admission import Admission, DeadlineExceeded, Overloaded
+from service.api.common import AppState, ServiceUnavailable, app_state, error_response, one_line
+from service.api.limits import BodySizeLimit
 from service.api.score import serving as score_serving
+from service.api.watchdog import watch_engine
 from service.config import Settings
 from service.engines import build_engine
 from service.engines.base import Engine
@@ -33,12 +37,28 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     """Build the app. Without ``engine`` the settings select and start one in the
     background, so /healthz answers while the model loads and /readyz says when it is up."""
     settings = settings or Settings()
-    state = AppState(settings=settings, telemetry=Telemetry(), template=settings.prompt_template())
+    state = AppState(
+        settings=settings,
+        telemetry=Telemetry(),
+        template=settings.prompt_template(),
+        admission=Admission(settings.max_concurrency, settings.max_queue),
+    )
 
     async def start_engine() -> None:
         try:
             built = engine or await build_engine(settings)
-            await built.start()
+            delay = 0.5
+            while True:  # a remote engine may come up after us: keep trying
+                try:
+                    await built.start()
+                    break
+                except Exception as exc:
+                    if not getattr(built, "retry_start", False):
+                        raise
+                    state.engine_error = f"{type(exc).__name__}: {one_line(exc)}"
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+            state.engine_error = None
             state.engine = built
             state.telemetry.set_engine_up(True)
             log.info("engine ready", extra={"fields": {"model": built.model}})
@@ -46,12 +66,21 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             state.engine_error = f"{type(exc).__name__}: {one_line(exc)}"
             log.error("engine failed to start: %s", state.engine_error)
 
+    def on_fatal(code: int) -> None:
+        """The engine died for good: exit with ``code`` after draining (see cli serve)."""
+        state.exit_code = code
+        request_shutdown = getattr(app.state, "request_shutdown", None)
+        if request_shutdown is not None:
+            request_shutdown()
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.engine_task = asyncio.create_task(start_engine())
+        watchdog = asyncio.create_task(watch_engine(state, settings.health_interval_s, on_fatal))
         try:
             yield
         finally:
+            watchdog.cancel()
             state.engine_task.cancel()
             with contextlib.suppress(BaseException):
                 await state.engine_task
@@ -63,9 +92,19 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         version="0.1.0",
         summary="Calibrated confidence for LLM multiple-choice answers (UF Calibration).",
         lifespan=lifespan,
+        dependencies=[Depends(security.require_api_key)],  # secure by default
     )
     app.state.ufcal = state
     app.state.settings = settings
+    app.state.api_keys = security.ApiKeys(settings.api_key_list())
+    app.state.open_paths = security.open_paths(settings.metrics_auth)
+    security.document_security(app, app.state.open_paths)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(Overloaded)
+    @app.exception_handler(DeadlineExceeded)
+    async def _backpressure(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc, "")
 
     @app.exception_handler(ServiceUnavailable)
     async def _unavailable(_: Request, exc: ServiceUnavailable) -> JSONResponse:

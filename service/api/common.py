@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from service.api.admission import Admission, DeadlineExceeded, Overloaded
 from service.calibration.prompts import PromptTemplate
 from service.config import Settings
 from service.engines.base import Engine, EngineError, EngineFeatureMissing, EngineUnavailable
@@ -44,6 +45,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     502: {"model": ErrorResponse, "description": "The engine failed."},
     503: {"model": ErrorResponse, "description": "The engine is not ready or unreachable."},
+    413: {"model": ErrorResponse, "description": "The body is over UFCAL_MAX_BODY_BYTES."},
+    429: {
+        "model": ErrorResponse,
+        "description": "Overloaded: every slot and the queue are full; see Retry-After.",
+    },
+    504: {"model": ErrorResponse, "description": "Past UFCAL_REQUEST_TIMEOUT_S; cancelled."},
 }
 
 
@@ -61,11 +68,15 @@ class AppState:
     engine: Engine | None = None
     engine_error: str | None = None
     engine_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    admission: Admission = field(default_factory=lambda: Admission(16, 64), repr=False)
+    exit_code: int = 0  # non-zero: the engine died, the process exits with it
 
     def ready_engine(self) -> Engine:
         """The engine, or ``ServiceUnavailable`` while it starts or after it failed."""
         if self.engine is None:
             raise ServiceUnavailable(self.engine_error or "the engine is starting")
+        if self.exit_code or getattr(self.engine, "dead", False):
+            raise ServiceUnavailable("the in-process engine died; the service is restarting")
         return self.engine
 
 
@@ -84,6 +95,14 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 
 def error_response(exc: Exception, mode: str) -> JSONResponse:
     """The HTTP reply for a scoring failure (500 for a bug: logged, never shown)."""
+    if isinstance(exc, Overloaded):
+        return JSONResponse(
+            {"detail": one_line(exc)},
+            status_code=429,
+            headers={"Retry-After": str(exc.retry_after_s)},
+        )
+    if isinstance(exc, DeadlineExceeded):
+        return JSONResponse({"detail": one_line(exc)}, status_code=504)
     if isinstance(exc, EngineFeatureMissing):
         return JSONResponse({"detail": f"mode {mode!r}: {one_line(exc)}"}, status_code=400)
     if isinstance(exc, EngineUnavailable | ServiceUnavailable):

@@ -23,6 +23,7 @@ async def build_engine(settings: Settings) -> Engine:
                 settings.engine_api_key.get_secret_value() if settings.engine_api_key else None
             ),
             timeout_s=settings.engine_timeout_s,
+            retry_s=settings.engine_retry_s,
         )
     from service.engines.embedded import EMBEDDED_MODEL_ID, prepare_embedded_model
     from service.engines.vllm_local import LocalEngineConfig, LocalVLLMEngine

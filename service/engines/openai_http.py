@@ -3,13 +3,22 @@
 Chat prompts go to ``/v1/chat/completions`` with the assistant turn pre-filled
 (``continue_final_message``); plain prompts to ``/v1/completions``. Letter log-probs use
 vLLM's ``logprob_token_ids``; restricted choices use ``structured_outputs.choice``. Both are
-vLLM extensions: another OpenAI-compatible server gets a clear error naming the feature."""
+vLLM extensions: another OpenAI-compatible server gets a clear error naming the feature.
+
+Faults: every call is a pure read (idempotent), so a connection error, a dropped connection
+or a 502/503/504 is retried with exponential backoff, on the next healthy server when there
+are several, for up to ``retry_s`` seconds; then ``EngineUnavailable`` (HTTP 503). A server
+that failed is marked down and skipped until a probe (``ready``) or a call succeeds again,
+so the service recovers by itself when the server comes back. Cancelling a call (the request
+deadline) closes its HTTP connection, which makes vLLM's server abort the request."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import random
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,10 +38,22 @@ from service.engines.letters import combine_letter_logprobs, letter_token_ids
 log = logging.getLogger(__name__)
 
 _TOKEN_ID_PREFIX = "token_id:"
+_RETRY_STATUS = frozenset({502, 503, 504})
+# Connection-level failures: the server is gone, restarting or dropped the connection.
+_RETRYABLE = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
+    httpx.PoolTimeout,
+)
 
 
 class OpenAIHTTPEngine:
     """Spreads prompts round-robin over the given vLLM servers."""
+
+    retry_start = True  # the service keeps trying to start while the server is away
 
     def __init__(
         self,
@@ -42,6 +63,9 @@ class OpenAIHTTPEngine:
         api_key: str | None = None,
         timeout_s: float = 120.0,
         max_connections: int = 256,
+        retry_s: float = 5.0,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 1.0,
     ) -> None:
         if not base_urls:
             raise ValueError("at least one engine URL is needed")
@@ -58,6 +82,11 @@ class OpenAIHTTPEngine:
         )
         self._letter_ids: dict[str, list[int]] = {}
         self._letter_logprobs_ok: bool | None = None
+        self._retry_s = retry_s
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._down: dict[str, float] = {}  # base URL -> when it was marked down
+        self.retries = 0  # connection-level retries so far (for tests and logs)
 
     @property
     def model(self) -> str:
@@ -67,17 +96,55 @@ class OpenAIHTTPEngine:
     def supports_letter_logprobs(self) -> bool:
         return self._letter_logprobs_ok is not False
 
+    @property
+    def down(self) -> list[str]:
+        """The servers marked down now."""
+        return [u for u in self._urls if u in self._down]
+
     def _url(self) -> str:
+        """The next server round-robin, skipping those marked down (unless all are)."""
+        for _ in range(len(self._urls)):
+            base = self._urls[next(self._next_url)]
+            if base not in self._down:
+                return base
         return self._urls[next(self._next_url)]
 
+    def _mark(self, base: str, up: bool) -> None:
+        if up:
+            if self._down.pop(base, None) is not None:
+                log.info("engine back up", extra={"fields": {"engine": base}})
+        elif base not in self._down:
+            self._down[base] = time.monotonic()
+            log.warning("engine down", extra={"fields": {"engine": base}})
+
     async def _post(self, path: str, body: dict[str, Any], base: str | None = None) -> Any:
-        url = (base or self._url()) + path
-        try:
-            response = await self._client.post(url, json=body)
-        except httpx.TimeoutException as exc:
-            raise EngineUnavailable(f"engine at {url} timed out") from exc
-        except httpx.TransportError as exc:
-            raise EngineUnavailable(f"engine at {url} is unreachable: {exc}") from exc
+        """POST with retries of connection-level failures for up to ``retry_s``."""
+        give_up = time.monotonic() + self._retry_s
+        attempt = 0
+        while True:
+            server = base or self._url()
+            url = server + path
+            try:
+                response = await self._client.post(url, json=body)
+            except _RETRYABLE as exc:
+                failure = f"engine at {url} is unreachable: {type(exc).__name__}: {exc}"
+            except httpx.TimeoutException as exc:
+                raise EngineUnavailable(f"engine at {url} timed out") from exc
+            except httpx.TransportError as exc:
+                raise EngineUnavailable(f"engine at {url} is unreachable: {exc}") from exc
+            else:
+                if response.status_code not in _RETRY_STATUS:
+                    break
+                failure = f"engine at {url} answered {response.status_code}"
+            self._mark(server, up=False)
+            delay = min(self._max_backoff_s, self._backoff_s * 2**attempt)
+            delay *= random.uniform(0.5, 1.0)  # jitter: no thundering herd on restart
+            if time.monotonic() + delay > give_up:
+                raise EngineUnavailable(failure)
+            self.retries += 1
+            attempt += 1
+            await asyncio.sleep(delay)
+        self._mark(server, up=True)
         if response.status_code >= 500:
             raise EngineUnavailable(f"engine at {url} answered {response.status_code}")
         if response.status_code == 404:
@@ -108,7 +175,9 @@ class OpenAIHTTPEngine:
             try:
                 response = await self._client.get(base + "/health", timeout=2.0)
             except httpx.HTTPError:
+                self._mark(base, up=False)
                 return False
+            self._mark(base, up=response.status_code == 200)
             return response.status_code == 200
 
         results = await asyncio.gather(*(healthy(u) for u in self._urls))

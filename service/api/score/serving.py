@@ -13,7 +13,9 @@ from fastapi import APIRouter, Depends
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from service.api.admission import DeadlineExceeded, Overloaded
 from service.api.common import ERROR_RESPONSES, AppState, app_state, error_response
+from service.api.limits import check_score_limits
 from service.api.score.protocol import (
     AnswerOut,
     BatchItem,
@@ -148,7 +150,22 @@ async def score_question(
     body: ScoreRequest, state: Annotated[AppState, Depends(app_state)]
 ) -> ScoreResponse | JSONResponse:
     """Answer a multiple-choice question with a calibrated confidence."""
-    return await score_request(state, body)
+    check_score_limits(body, state.settings)
+    started = time.perf_counter()
+    try:
+        return await state.admission.run(
+            lambda: score_request(state, body),
+            cost=1,
+            timeout_s=state.settings.request_timeout_s,
+        )
+    except (Overloaded, DeadlineExceeded) as exc:
+        mode = body.mode or state.settings.mode
+        reply = error_response(exc, mode)
+        state.telemetry.observe_error(
+            body.method, mode, reply.status_code, time.perf_counter() - started
+        )
+        log.warning("score refused", extra={"fields": {"status": reply.status_code}})
+        return reply
 
 
 def _batch_item(index: int, outcome: ScoreResponse | JSONResponse) -> BatchItem:

@@ -1,0 +1,147 @@
+"""Request limits: the body size (an ASGI middleware that never holds more than the limit
+in memory) and the sizes inside a question (option count, text lengths, samples).
+
+Every refusal names the limit and the setting that raises it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.score.protocol import ScoreRequest
+from service.config import Settings
+
+
+class BodyTooLarge(HTTPException):
+    """The body is over ``UFCAL_MAX_BODY_BYTES`` (HTTP 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            status_code=413,
+            detail=f"request body larger than UFCAL_MAX_BODY_BYTES={limit} bytes",
+        )
+
+
+class BodySizeLimit:
+    """Refuse bodies over ``max_bytes`` with 413: at once when Content-Length says so,
+    else as soon as the bytes received pass the limit (chunked bodies)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await _send_413(send, self.max_bytes)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if started:
+                raise
+            await _send_413(send, self.max_bytes)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _send_413(send: Send, limit: int) -> None:
+    body = json.dumps({"detail": BodyTooLarge(limit).detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),  # the rest of the body is never read
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _issue(loc: tuple[str | int, ...], msg: str, value: Any) -> dict[str, Any]:
+    return {"loc": loc, "msg": msg, "type": "limit_exceeded", "input": value}
+
+
+def score_limit_issues(
+    body: ScoreRequest, settings: Settings, prefix: tuple[str | int, ...] = ("body",)
+) -> list[dict[str, Any]]:
+    """What in one question is over the configured limits (empty: nothing)."""
+    issues: list[dict[str, Any]] = []
+    if len(body.question) > settings.max_question_chars:
+        issues.append(
+            _issue(
+                (*prefix, "question"),
+                f"question longer than UFCAL_MAX_QUESTION_CHARS={settings.max_question_chars}",
+                len(body.question),
+            )
+        )
+    if len(body.options) > settings.max_options:
+        issues.append(
+            _issue(
+                (*prefix, "options"),
+                f"more than UFCAL_MAX_OPTIONS={settings.max_options} options",
+                len(body.options),
+            )
+        )
+    for i, option in enumerate(body.options):
+        if len(option) > settings.max_option_chars:
+            issues.append(
+                _issue(
+                    (*prefix, "options", i),
+                    f"option longer than UFCAL_MAX_OPTION_CHARS={settings.max_option_chars}",
+                    len(option),
+                )
+            )
+    if body.samples is not None and body.samples > settings.max_samples:
+        issues.append(
+            _issue(
+                (*prefix, "samples"),
+                f"more than UFCAL_MAX_SAMPLES={settings.max_samples} samples",
+                body.samples,
+            )
+        )
+    return issues
+
+
+def check_score_limits(body: ScoreRequest, settings: Settings) -> None:
+    """Raise a 422 (``loc`` names the field, ``msg`` the limit) when ``body`` is over a
+    configured limit."""
+    issues = score_limit_issues(body, settings)
+    if issues:
+        raise RequestValidationError(issues)
