@@ -100,3 +100,14 @@ def test_bench_short_run_on_the_real_engine(vllm: ServerProcess, tmp_path: Path)
     assert [row["concurrency"] for row in report["overhead"]] == [1, 8, 64]
     assert all(row["errors"] == 0 for row in report["overhead"])
     assert "throughput ratios" in done.stdout
+
+
+async def test_no_duplicate_prompts_within_a_question() -> None:
+    """Every prompt a question sends is distinct (the same variant is never asked twice),
+    and all chain prompts of a question share the prefix up to the option block."""
+    engine = FakeEngine(generate=chain_script_generate(SAMPLES, REPLIES, 5))
+    await score(Q5, engine, ScoreParams(mode="sampling", samples=10), PromptTemplate())
+    prompts = [p.user for call in engine.calls for p in call.prompts]
+    assert len(prompts) == len(set(prompts)) > 1
+    shared = prompts[0].split("Options:")[0]
+    assert all(p.startswith(shared + "Options:") for p in prompts)
