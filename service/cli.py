@@ -162,7 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--option", action="append", help="an option (repeat, in order)")
     sc.add_argument("--file", help="JSONL in the shared MCQA format (question, options, answer)")
     sc.add_argument("--limit", type=int, default=None, help="score the first N questions")
-    sc.add_argument("--method", choices=["uf", "fidelity"], default="uf")
+    sc.add_argument(
+        "--method",
+        choices=["uf", "fidelity", "sampled", "token", "verbalized", "linguistic"],
+        default="uf",
+    )
     sc.add_argument("--mode", choices=["auto", "logprobs", "sampling"], default=None)
     sc.add_argument("--samples", type=int, default=None, help="K in sampling mode")
     sc.add_argument("--concurrency", type=int, default=16, help="questions in flight")

@@ -1,17 +1,24 @@
-"""Run UF calibration for one question over an engine.
+"""Score one question over an engine with UF calibration or one of the paper's baselines.
 
-Step 1 is one engine call. Then all fidelity chains of the question advance in lockstep:
-each step sends the next prompt of every unfinished chain as one concurrent batch, so a
-question costs (1 + longest chain) engine round trips, never one chain after another."""
+Step 1 is one engine call: the letter read (logprobs mode) or K samples (sampling mode). For
+``uf`` and ``fidelity`` all fidelity chains of the question then advance in lockstep: each
+step sends the next prompt of every unfinished chain as one concurrent batch, so a question
+costs (1 + longest chain) engine round trips, never one chain after another.
+
+Several methods of one question can be scored together (``score_methods``); every engine step
+is done once and shared by the methods that need exactly that computation (uf and fidelity
+share the chains; every method of one mode shares step 1). Each method's result is the one
+``score`` gives for it alone: the same steps, the same prompts, the same arithmetic."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, get_args
 
-from service.calibration import uf
+from service.calibration import baselines, uf
 from service.calibration.prompts import (
     PromptTemplate,
     Question,
@@ -23,13 +30,21 @@ from service.calibration.prompts import (
 from service.engines.base import Engine, EngineFeatureMissing, GenerationParams
 from service.engines.letters import choice_strings
 
-Method = Literal["uf", "fidelity"]
+Method = Literal["uf", "fidelity", "sampled", "token", "verbalized", "linguistic"]
+METHODS: tuple[Method, ...] = get_args(Method)
 ResolvedMode = Literal["logprobs", "sampling"]
 SAMPLE_MAX_TOKENS = 4  # enough for " C.", "(C)" or " The answer is C"
+VERBALIZED_MAX_TOKENS = 8  # " 0.85", " 85%", " 0.9 (very sure)"
+LINGUISTIC_MAX_TOKENS = 8  # the longest phrase of the list
 
 
 class Unscorable(Exception):
-    """The model's replies named no option: no confidence can honestly be given."""
+    """The model's replies named no option (or stated no confidence): no confidence can
+    honestly be given. ``usage`` is what the attempt cost, when known."""
+
+    def __init__(self, message: str, usage: Usage | None = None) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,14 @@ class Usage:
     unparsed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+    def add(self, other: Usage) -> None:
+        """Add ``other``'s counts to these."""
+        self.engine_calls += other.engine_calls
+        self.prompts += other.prompts
+        self.unparsed += other.unparsed
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
 
 
 @dataclass(frozen=True)
@@ -87,6 +110,20 @@ def resolve_mode(requested: str, engine: Engine) -> ResolvedMode:
     return requested  # type: ignore[return-value]
 
 
+def method_mode(method: Method, requested: str, engine: Engine) -> ResolvedMode:
+    """The mode a method runs in. ``sampled`` always samples and ``token`` always reads the
+    letters (the requested mode does not apply to them); the others follow the request."""
+    if method == "sampled":
+        return "sampling"
+    if method == "token":
+        if not engine.supports_letter_logprobs:
+            raise EngineFeatureMissing(
+                "letter log-probabilities", hint="method token is white-box only"
+            )
+        return "logprobs"
+    return resolve_mode(requested, engine)
+
+
 def _argmax_label(logprobs: dict[str, float], allowed: Sequence[str]) -> str:
     best = allowed[0]
     for label in allowed[1:]:
@@ -102,7 +139,9 @@ async def _answer_distribution(
     template: PromptTemplate,
     mode: ResolvedMode,
     usage: Usage,
-) -> tuple[list[float], list[str]]:
+) -> tuple[list[float], list[str], list[float] | None]:
+    """Step 1: P over the options, the sampled replies (sampling mode) and the letters'
+    raw log-probs (logprobs mode)."""
     prompt = render(question, all_options(question), template)
     labels = question.labels
     usage.engine_calls += 1
@@ -112,7 +151,7 @@ async def _answer_distribution(
         usage.prompt_tokens += read.prompt_tokens
         usage.completion_tokens += read.completion_tokens
         logprobs = [read.logprobs[label] for label in labels]
-        return uf.distribution_from_logprobs(logprobs, params.temperature), []
+        return uf.distribution_from_logprobs(logprobs, params.temperature), [], logprobs
     gen_params = GenerationParams(
         n=params.samples,
         temperature=params.temperature,
@@ -128,11 +167,12 @@ async def _answer_distribution(
         answers.append(None if label is None else labels.index(label))
     usage.unparsed += answers.count(None)
     try:
-        return uf.distribution_from_samples(answers, len(labels)), generation.texts
+        return uf.distribution_from_samples(answers, len(labels)), generation.texts, None
     except ValueError as exc:
         raise Unscorable(
             f"none of the {len(answers)} sampled replies named an option "
-            f"(e.g. {generation.texts[0][:40]!r})"
+            f"(e.g. {generation.texts[0][:40]!r})",
+            usage,
         ) from exc
 
 
@@ -182,38 +222,197 @@ async def _run_chains(
     return {c.start: list(c.chain) for c in chains}
 
 
+@dataclass(frozen=True)
+class _StepOne:
+    """Step 1 in one mode: P over the options, the letters' raw log-probs (logprobs mode)
+    and the sampled replies (sampling mode)."""
+
+    distribution: list[float]
+    logprobs: list[float] | None
+    samples: list[str]
+
+
+@dataclass(frozen=True)
+class _Stated:
+    """A stated confidence (verbalized or linguistic): the reply and what it parsed to."""
+
+    reply: str
+    value: float | None
+
+
+class QuestionRun:
+    """The engine work for one question, each step run at most once and shared by every
+    method that needs it. A step's cost is kept with it, so each method reports the usage
+    it would have alone."""
+
+    def __init__(
+        self, question: Question, engine: Engine, params: ScoreParams, template: PromptTemplate
+    ) -> None:
+        self.question = question
+        self.engine = engine
+        self.params = params
+        self.template = template
+        self.started = time.perf_counter()
+        self._steps: dict[tuple[str, ...], asyncio.Future[Any]] = {}
+        self._usage: dict[tuple[str, ...], Usage] = {}
+
+    async def _once(
+        self, key: tuple[str, ...], make: Callable[[Usage], Awaitable[Any]], used: Usage
+    ) -> Any:
+        """Run ``make`` once for ``key`` (later callers await the same result); add its
+        cost to ``used`` whether it succeeded or not. Not shielded: cancelling the scoring
+        (a request deadline) cancels the engine call."""
+        future = self._steps.get(key)
+        if future is None:
+            step_usage = Usage()
+            self._usage[key] = step_usage
+            future = asyncio.ensure_future(make(step_usage))
+            self._steps[key] = future
+        try:
+            return await future
+        finally:
+            used.add(self._usage[key])
+
+    async def _step_one(self, mode: ResolvedMode, used: Usage) -> _StepOne:
+        async def make(usage: Usage) -> _StepOne:
+            distribution, samples, logprobs = await _answer_distribution(
+                self.question, self.engine, self.params, self.template, mode, usage
+            )
+            return _StepOne(distribution, logprobs, samples)
+
+        result: _StepOne = await self._once(("step1", mode), make, used)
+        return result
+
+    async def _chains(
+        self, mode: ResolvedMode, first: _StepOne, used: Usage
+    ) -> dict[int, list[int]]:
+        async def make(usage: Usage) -> dict[int, list[int]]:
+            eps = self.params.eps if mode == "logprobs" else 0.0
+            distribution = first.distribution
+            starts = uf.bounded_start_set(
+                distribution, uf.start_set(distribution, eps), self.params.skip_mass
+            )
+            return await _run_chains(self.question, self.engine, starts, self.template, mode, usage)
+
+        chains: dict[int, list[int]] = await self._once(("chains", mode), make, used)
+        return chains
+
+    async def _stated(
+        self,
+        kind: Literal["verbalized", "linguistic"],
+        mode: ResolvedMode,
+        answer: int,
+        used: Usage,
+    ) -> _Stated:
+        async def make(usage: Usage) -> _Stated:
+            if kind == "verbalized":
+                prompt = baselines.verbalized_prompt(self.question, answer, self.template)
+                gen = GenerationParams(n=1, temperature=0.0, max_tokens=VERBALIZED_MAX_TOKENS)
+            else:
+                prompt = baselines.linguistic_prompt(self.question, answer, self.template)
+                gen = GenerationParams(
+                    n=1,
+                    temperature=0.0,
+                    max_tokens=LINGUISTIC_MAX_TOKENS,
+                    choices=baselines.linguistic_choices(),
+                )
+            usage.engine_calls += 1
+            usage.prompts += 1
+            generation = (await self.engine.generate([prompt], [gen]))[0]
+            usage.prompt_tokens += generation.prompt_tokens
+            usage.completion_tokens += generation.completion_tokens
+            reply = generation.texts[0] if generation.texts else ""
+            if kind == "verbalized":
+                value = baselines.parse_verbalized(reply)
+            else:
+                parsed = baselines.parse_linguistic(reply)
+                value = None if parsed is None else parsed[1]
+            if value is None:
+                usage.unparsed += 1
+            return _Stated(reply, value)
+
+        stated: _Stated = await self._once((kind, mode, str(answer)), make, used)
+        return stated
+
+    async def result(self, method: Method) -> ScoreResult:
+        """Score the question with ``method`` (sharing steps already run)."""
+        params = self.params
+        mode = method_mode(method, params.mode, self.engine)
+        usage = Usage()
+        try:
+            first = await self._step_one(mode, usage)
+            distribution = first.distribution
+            answer = uf.answer_index(distribution)
+            uncertainty = uf.uncertainty(distribution)
+            chains: dict[int, list[int]] = {}
+            fidelity = [0.0] * len(distribution)
+            if method == "uf" or method == "fidelity":
+                chains = await self._chains(mode, first, usage)
+                fidelity = uf.fidelity(distribution, chains, params.tau)
+                confidence = uf.confidence(
+                    uncertainty, fidelity[answer], use_uncertainty=method == "uf"
+                )
+            elif method == "sampled":
+                confidence = baselines.sampled_confidence(distribution, answer)
+            elif method == "token":
+                if first.logprobs is None:  # pragma: no cover - token is always logprobs
+                    raise EngineFeatureMissing("letter log-probabilities")
+                confidence = baselines.token_confidence(first.logprobs[answer])
+            else:
+                stated = await self._stated(method, mode, answer, usage)
+                if stated.value is None:
+                    raise Unscorable(
+                        f"the model stated no {method} confidence (replied {stated.reply[:40]!r})",
+                        usage,
+                    )
+                confidence = stated.value
+        except Unscorable as exc:
+            if exc.usage is not usage:
+                raise Unscorable(str(exc), usage) from exc
+            raise
+        return ScoreResult(
+            question=self.question,
+            answer=answer,
+            confidence=confidence,
+            uncertainty=uncertainty,
+            distribution=distribution,
+            fidelity=fidelity,
+            chains=chains,
+            method=method,
+            mode=mode,
+            model=self.engine.model,
+            usage=usage,
+            latency_s=time.perf_counter() - self.started,
+            samples=first.samples,
+        )
+
+
 async def score(
     question: Question,
     engine: Engine,
     params: ScoreParams,
     template: PromptTemplate,
 ) -> ScoreResult:
-    """Score one question: answer, confidence and every part behind it."""
-    started = time.perf_counter()
-    mode = resolve_mode(params.mode, engine)
-    usage = Usage()
-    distribution, samples = await _answer_distribution(
-        question, engine, params, template, mode, usage
-    )
-    eps = params.eps if mode == "logprobs" else 0.0
-    starts = uf.bounded_start_set(distribution, uf.start_set(distribution, eps), params.skip_mass)
-    chains = await _run_chains(question, engine, starts, template, mode, usage)
-    answer = uf.answer_index(distribution)
-    uncertainty = uf.uncertainty(distribution)
-    fidelity = uf.fidelity(distribution, chains, params.tau)
-    confidence = uf.confidence(uncertainty, fidelity[answer], use_uncertainty=params.method == "uf")
-    return ScoreResult(
-        question=question,
-        answer=answer,
-        confidence=confidence,
-        uncertainty=uncertainty,
-        distribution=distribution,
-        fidelity=fidelity,
-        chains=chains,
-        method=params.method,
-        mode=mode,
-        model=engine.model,
-        usage=usage,
-        latency_s=time.perf_counter() - started,
-        samples=samples,
-    )
+    """Score one question with ``params.method``: answer, confidence and every part behind
+    it. For the baselines ``fidelity`` is all 0 and ``chains`` is empty (no chain is run);
+    ``uncertainty`` is the normalised entropy of P, as for uf."""
+    return await QuestionRun(question, engine, params, template).result(params.method)
+
+
+async def score_methods(
+    question: Question,
+    engine: Engine,
+    params: ScoreParams,
+    methods: Sequence[Method],
+    template: PromptTemplate,
+) -> dict[Method, ScoreResult | Exception]:
+    """Score one question with several methods at once, sharing identical engine steps.
+    Each method gets its result, or the exception scoring it alone would have raised."""
+    run = QuestionRun(question, engine, params, template)
+    outcomes = await asyncio.gather(*(run.result(m) for m in methods), return_exceptions=True)
+    result: dict[Method, ScoreResult | Exception] = {}
+    for method, outcome in zip(methods, outcomes, strict=True):
+        if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+            raise outcome
+        result[method] = outcome
+    return result

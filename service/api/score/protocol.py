@@ -32,10 +32,13 @@ class ScoreRequest(BaseModel):
         max_length=MAX_OPTIONS,
         description="Option texts in order; they are labelled A, B, C, ...",
     )
-    method: Literal["uf", "fidelity"] = Field(
+    method: Literal["uf", "fidelity", "sampled", "token", "verbalized", "linguistic"] = Field(
         default="uf",
         description="uf: (1 - Uncertainty) x Fidelity; fidelity: the ablation without the "
-        "uncertainty factor.",
+        "uncertainty factor; baselines: sampled (P(answer) from K samples, always sampling), "
+        "token (raw probability of the answer letter, always logprobs), verbalized (the model "
+        "states a number), linguistic (the model picks a phrase mapped to a number). The "
+        "baselines run no chains: their fidelity is all 0 and chains empty.",
     )
     # Unset fields take the service's configured defaults (UFCAL_MODE, UFCAL_SAMPLES, ...).
     mode: Literal["auto", "logprobs", "sampling"] | None = Field(
