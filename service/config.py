@@ -87,6 +87,17 @@ class Settings(BaseSettings):
         "the start set's mass (0 = spec-exact).",
     )
 
+    # Scores, feedback and live calibration
+    db_path: Path = Field(
+        default=Path("./ufcal.db"), description="SQLite file of scores and feedback."
+    )
+    calibration_window: int = Field(
+        default=1000, ge=1, description="Live calibration: the last N scores with feedback."
+    )
+    calibration_bins: int = Field(
+        default=10, ge=1, le=100, description="Live calibration: equal-width confidence bins."
+    )
+
     # HTTP
     max_batch_size: int = Field(default=256, ge=1, description="Items in one /score/batch.")
     host: str = "127.0.0.1"

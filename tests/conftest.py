@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,19 @@ import pytest
 from tests.servers import SHARED_DATA, ServerProcess, running, ufcal_server, vllm_server
 
 START_TIMEOUT_S = 300.0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Apps and servers built by the tests keep their SQLite store (UFCAL_DB_PATH) in a
+    temporary folder, never in the checkout."""
+    saved = os.environ.get("UFCAL_DB_PATH")
+    os.environ["UFCAL_DB_PATH"] = str(tmp_path_factory.mktemp("db") / "ufcal.db")
+    yield
+    if saved is None:
+        os.environ.pop("UFCAL_DB_PATH", None)
+    else:
+        os.environ["UFCAL_DB_PATH"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,468 @@
+"""Scores and feedback in SQLite, and the live calibration window over them.
+
+One dedicated writer thread owns the only connection. Callers submit operations from the
+event loop and await them; the thread runs whatever is queued in one transaction (group
+commit) and resolves each operation in order. The database is in WAL mode and commits a
+batch with
+
+* ``synchronous=NORMAL`` when it holds only scores: the commit writes the WAL but does not
+  fsync, so the /score hot path never waits on the disk (a committed score survives a killed
+  process; only an OS crash or power loss may drop the last scores before a checkpoint);
+* ``synchronous=FULL`` when it holds feedback: the WAL is fsynced before the commit returns,
+  so feedback is durable before /feedback answers.
+
+The live window is the last ``window`` scores with feedback, in the order the feedback
+arrived; it is loaded from the database at start-up and updated after each committed
+feedback, and its calibration report is recomputed then (``service.calibration.metrics``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from service.calibration.metrics import ReliabilityBin, calibration_report
+
+__all__ = [
+    "FeedbackExists",
+    "FeedbackRecord",
+    "GoldIndexOutOfRange",
+    "LiveCalibration",
+    "ScoreConflict",
+    "ScoreRecord",
+    "Store",
+    "StoreError",
+    "UnknownScore",
+    "live_calibration",
+]
+
+log = logging.getLogger("ufcal.store")
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS scores (
+    id           TEXT PRIMARY KEY,
+    created_at   REAL NOT NULL,
+    model        TEXT NOT NULL,
+    method       TEXT NOT NULL,
+    mode         TEXT NOT NULL,
+    answer_index INTEGER NOT NULL,
+    confidence   REAL NOT NULL,
+    uncertainty  REAL NOT NULL,
+    n_options    INTEGER NOT NULL,
+    question     TEXT,
+    options      TEXT
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT NOT NULL UNIQUE REFERENCES scores(id),
+    correct     INTEGER NOT NULL CHECK (correct IN (0, 1)),
+    gold_index  INTEGER,
+    received_at REAL NOT NULL
+);
+"""
+#: Most operations committed together in one transaction.
+MAX_BATCH = 256
+
+
+class StoreError(Exception):
+    """A request the store refuses (the HTTP layer maps each kind to a status)."""
+
+
+class UnknownScore(StoreError):
+    """No score with this id."""
+
+
+class FeedbackExists(StoreError):
+    """The score already has feedback."""
+
+
+class ScoreConflict(StoreError):
+    """A score with this id already has feedback, so it cannot be replaced."""
+
+
+class GoldIndexOutOfRange(StoreError):
+    """``gold_index`` is not an option of the scored question."""
+
+    def __init__(self, gold_index: int, n_options: int) -> None:
+        super().__init__(
+            f"gold_index {gold_index} is out of range: the question had {n_options} options "
+            f"(0..{n_options - 1})"
+        )
+        self.gold_index = gold_index
+        self.n_options = n_options
+
+
+@dataclass(frozen=True)
+class ScoreRecord:
+    """What is kept of one successful score (texts only when UFCAL_LOG_TEXT is set)."""
+
+    id: str
+    model: str
+    method: str
+    mode: str
+    answer_index: int
+    confidence: float
+    uncertainty: float
+    n_options: int
+    created_at: float
+    question: str | None = None
+    options: Sequence[str] | None = None
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """A recorded feedback, with the score it judges."""
+
+    id: str
+    correct: bool
+    gold_index: int | None
+    answer_index: int
+    confidence: float
+    received_at: float
+
+
+@dataclass(frozen=True)
+class LiveCalibration:
+    """Calibration of the live window; every metric is ``None`` when ``n == 0``."""
+
+    n: int
+    window: int
+    n_bins: int
+    accuracy: float | None
+    ece: float | None
+    ipr: float | None
+    ce: float | None
+    brier: float | None
+    auroc: float | None
+    bins: tuple[ReliabilityBin, ...]
+
+
+def live_calibration(
+    confidences: Sequence[float], correct: Sequence[bool], window: int, n_bins: int
+) -> LiveCalibration:
+    """The metrics of ``calibration_report`` over a window, or nulls (and empty bins) if empty."""
+    if not confidences:
+        empty = tuple(
+            ReliabilityBin(i / n_bins, (i + 1) / n_bins, 0, None, None) for i in range(n_bins)
+        )
+        return LiveCalibration(0, window, n_bins, None, None, None, None, None, None, empty)
+    r = calibration_report(confidences, correct, n_bins)
+    # ``+ 0.0`` turns a -0.0 (float noise of a clamp) into 0.0 in the JSON and the gauges.
+    return LiveCalibration(
+        r.n,
+        window,
+        n_bins,
+        r.accuracy + 0.0,
+        r.ece + 0.0,
+        r.ipr + 0.0,
+        r.ce + 0.0,
+        r.brier + 0.0,
+        None if r.auroc is None else r.auroc + 0.0,
+        r.bins,
+    )
+
+
+Op = Callable[[sqlite3.Connection], Any]
+
+
+@dataclass
+class _Job:
+    op: Op
+    durable: bool
+    future: concurrent.futures.Future[Any]
+    after_commit: Callable[[Any], None] | None = None
+
+
+class Store:
+    """SQLite store of scores and feedback with a dedicated writer thread.
+
+    Build with :meth:`open` and finish with :meth:`close`; every other method is called from
+    the event loop.
+    """
+
+    def __init__(
+        self, path: str | Path, *, window: int = 1000, n_bins: int = 10, keep_text: bool = False
+    ) -> None:
+        if window < 1 or n_bins < 1:
+            raise ValueError("window and n_bins must be >= 1")
+        self.path = str(path)
+        self.window = window
+        self.n_bins = n_bins
+        self.keep_text = keep_text
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._submit_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._conf: deque[float] = deque(maxlen=window)
+        self._correct: deque[bool] = deque(maxlen=window)
+        self._report = live_calibration([], [], window, n_bins)
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, path: str | Path, *, window: int = 1000, n_bins: int = 10, keep_text: bool = False
+    ) -> Store:
+        """Open (or create) the database, load the live window and start the writer."""
+        store = cls(path, window=window, n_bins=n_bins, keep_text=keep_text)
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        store._thread = threading.Thread(
+            target=store._run, args=(ready,), name="ufcal-store", daemon=True
+        )
+        store._thread.start()
+        try:
+            await asyncio.wrap_future(ready)
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Finish queued work, checkpoint the WAL and close the connection."""
+        if self._thread is None:
+            return
+        thread, self._thread = self._thread, None
+        with self._submit_lock:
+            self._closed = True
+            self._queue.put(None)
+        await asyncio.to_thread(thread.join)
+
+    def _connect(self) -> sqlite3.Connection:
+        """Open the database in WAL mode, create the schema and load the live window."""
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.executescript(_SCHEMA)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version != SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path}: schema version {version}, expected {SCHEMA_VERSION}"
+                )
+            rows = conn.execute(
+                "SELECT s.confidence, f.correct FROM feedback f JOIN scores s ON s.id = f.id "
+                "ORDER BY f.seq DESC LIMIT ?",
+                (self.window,),
+            ).fetchall()
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            for confidence, correct in reversed(rows):
+                self._conf.append(float(confidence))
+                self._correct.append(bool(correct))
+            self._recompute()
+        return conn
+
+    # -- operations ------------------------------------------------------------------------
+
+    async def save_score(self, record: ScoreRecord) -> None:
+        """Insert a score, or replace one with the same id that has no feedback yet.
+
+        Raises ``ScoreConflict`` if the id already has feedback (the old score is kept).
+        """
+        question = record.question if self.keep_text else None
+        options = json.dumps(list(record.options)) if self.keep_text and record.options else None
+
+        def op(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM feedback WHERE id = ?", (record.id,)).fetchone():
+                raise ScoreConflict(
+                    f"id {record.id!r} already has feedback; score it under a new id"
+                )
+            conn.execute(
+                "INSERT INTO scores (id, created_at, model, method, mode, answer_index, "
+                "confidence, uncertainty, n_options, question, options) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET created_at = excluded.created_at, "
+                "model = excluded.model, method = excluded.method, mode = excluded.mode, "
+                "answer_index = excluded.answer_index, confidence = excluded.confidence, "
+                "uncertainty = excluded.uncertainty, n_options = excluded.n_options, "
+                "question = excluded.question, options = excluded.options",
+                (
+                    record.id,
+                    record.created_at,
+                    record.model,
+                    record.method,
+                    record.mode,
+                    record.answer_index,
+                    record.confidence,
+                    record.uncertainty,
+                    record.n_options,
+                    question,
+                    options,
+                ),
+            )
+
+        await self._submit(op, durable=False)
+
+    async def add_feedback(
+        self, score_id: str, *, correct: bool | None = None, gold_index: int | None = None
+    ) -> FeedbackRecord:
+        """Record the truth for a stored score; durable (fsynced) when this returns.
+
+        Give exactly one of ``correct`` and ``gold_index``. Raises ``UnknownScore``,
+        ``FeedbackExists`` or ``GoldIndexOutOfRange``.
+        """
+        if (correct is None) == (gold_index is None):
+            raise ValueError("give exactly one of correct and gold_index")
+
+        def op(conn: sqlite3.Connection) -> FeedbackRecord:
+            row = conn.execute(
+                "SELECT answer_index, confidence, n_options FROM scores WHERE id = ?",
+                (score_id,),
+            ).fetchone()
+            if row is None:
+                raise UnknownScore(f"no score with id {score_id!r}")
+            answer_index, confidence, n_options = int(row[0]), float(row[1]), int(row[2])
+            if conn.execute("SELECT 1 FROM feedback WHERE id = ?", (score_id,)).fetchone():
+                raise FeedbackExists(f"id {score_id!r} already has feedback")
+            if gold_index is not None and not 0 <= gold_index < n_options:
+                raise GoldIndexOutOfRange(gold_index, n_options)
+            is_correct = bool(correct) if gold_index is None else gold_index == answer_index
+            now = time.time()
+            conn.execute(
+                "INSERT INTO feedback (id, correct, gold_index, received_at) VALUES (?, ?, ?, ?)",
+                (score_id, int(is_correct), gold_index, now),
+            )
+            return FeedbackRecord(score_id, is_correct, gold_index, answer_index, confidence, now)
+
+        def after_commit(record: FeedbackRecord) -> None:
+            with self._lock:
+                self._conf.append(record.confidence)
+                self._correct.append(record.correct)
+                self._recompute()
+
+        result: FeedbackRecord = await self._submit(op, durable=True, after_commit=after_commit)
+        return result
+
+    def calibration(self) -> LiveCalibration:
+        """The live window's calibration as of the last committed feedback."""
+        with self._lock:
+            return self._report
+
+    def _recompute(self) -> None:
+        self._report = live_calibration(
+            list(self._conf), list(self._correct), self.window, self.n_bins
+        )
+
+    # -- the writer thread -----------------------------------------------------------------
+
+    async def _submit(
+        self, op: Op, *, durable: bool, after_commit: Callable[[Any], None] | None = None
+    ) -> Any:
+        job = _Job(op, durable, concurrent.futures.Future(), after_commit)
+        with self._submit_lock:
+            if self._closed:
+                raise RuntimeError("the store is closed")
+            self._queue.put(job)
+        return await asyncio.wrap_future(job.future)
+
+    def _run(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as exc:
+            with self._submit_lock:
+                self._closed = True
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        synchronous = "FULL"
+        stop = False
+        try:
+            while not stop:
+                first = self._queue.get()
+                if first is None:
+                    break
+                jobs = [first]
+                while len(jobs) < MAX_BATCH:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    jobs.append(nxt)
+                jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+                if not jobs:
+                    continue
+                # Feedback in the batch: fsync the WAL on commit; scores only: no fsync.
+                wanted = "FULL" if any(j.durable for j in jobs) else "NORMAL"
+                if wanted != synchronous:
+                    conn.execute(f"PRAGMA synchronous = {wanted}")
+                    synchronous = wanted
+                self._run_batch(conn, jobs)
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except Exception:  # pragma: no cover - a broken database: refuse further work
+            log.exception("store: writer stopped")
+        finally:
+            conn.close()
+            with self._submit_lock:
+                self._closed = True
+            self._fail_all(RuntimeError("the store is closed"))
+
+    def _run_batch(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
+        """Run jobs in one transaction; each in a savepoint, so a refused one undoes only
+        itself. Results are handed out only after the commit."""
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                conn.execute("SAVEPOINT job")
+                try:
+                    value = job.op(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((False, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    outcomes.append((True, value))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.error("store: transaction failed: %s", exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        for job, (ok, value) in zip(jobs, outcomes, strict=True):
+            if ok and job.after_commit is not None:
+                try:
+                    job.after_commit(value)
+                except Exception:  # pragma: no cover - bookkeeping must not lose the reply
+                    log.exception("store: after-commit hook failed")
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(exc)
