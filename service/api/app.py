@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from service.api import security
 from service.api.admission import Admission, DeadlineExceeded, Overloaded
 from service.api.common import AppState, ServiceUnavailable, app_state, error_response, one_line
+from service.api.feedback import serving as feedback_serving
 from service.api.limits import BodySizeLimit
 from service.api.score import serving as score_serving
 from service.api.watchdog import watch_engine
@@ -75,11 +76,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await feedback_serving.open_store(state)  # scores, feedback, live calibration
         state.engine_task = asyncio.create_task(start_engine())
         watchdog = asyncio.create_task(watch_engine(state, settings.health_interval_s, on_fatal))
         try:
             yield
         finally:
+            await feedback_serving.close_store(state)
             watchdog.cancel()
             state.engine_task.cancel()
             with contextlib.suppress(BaseException):
@@ -113,6 +116,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         )
 
     app.include_router(score_serving.router)
+    app.include_router(feedback_serving.router)
 
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz() -> HealthResponse:

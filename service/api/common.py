@@ -15,6 +15,7 @@ from service.calibration.prompts import PromptTemplate
 from service.config import Settings
 from service.engines.base import Engine, EngineError, EngineFeatureMissing, EngineUnavailable
 from service.scoring import Unscorable
+from service.store import Store
 from service.telemetry import Telemetry
 
 
@@ -68,6 +69,7 @@ class AppState:
     engine: Engine | None = None
     engine_error: str | None = None
     engine_task: asyncio.Task[None] | None = field(default=None, repr=False)
+    store: Store | None = field(default=None, repr=False)
     admission: Admission = field(default_factory=lambda: Admission(16, 64), repr=False)
     exit_code: int = 0  # non-zero: the engine died, the process exits with it
 

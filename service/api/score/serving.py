@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from service.api.admission import DeadlineExceeded, Overloaded
 from service.api.common import ERROR_RESPONSES, AppState, app_state, error_response
+from service.api.feedback.serving import record_score
 from service.api.limits import check_score_limits
 from service.api.score.protocol import (
     AnswerOut,
@@ -110,6 +111,8 @@ async def score_request(state: AppState, body: ScoreRequest) -> ScoreResponse | 
             )
             return reply
     response = to_response(result, request_id)
+    if (conflict := await record_score(state, body, response)) is not None:
+        return conflict  # 409: this id already has feedback
     usage = result.usage
     telemetry.observe_score(
         result.method,

@@ -1,0 +1,71 @@
+"""The wire contract of ``POST /feedback`` and ``GET /calibration``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+
+StrictIndex = Annotated[int, Field(strict=True, ge=0)]
+
+
+class FeedbackRequest(BaseModel):
+    """The truth for an earlier ``/score`` answer: exactly one of ``correct``, ``gold_index``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"id": "q-17", "correct": True}, {"id": "q-18", "gold_index": 2}]
+        },
+    )
+
+    id: str = Field(min_length=1, max_length=128, description="The id the /score reply carried.")
+    correct: StrictBool | None = Field(
+        default=None, description="Whether the returned answer was right."
+    )
+    gold_index: StrictIndex | None = Field(
+        default=None,
+        description="0-based index of the right option; must be one of the question's options.",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> FeedbackRequest:
+        if (self.correct is None) == (self.gold_index is None):
+            raise ValueError("give exactly one of 'correct' and 'gold_index'")
+        return self
+
+
+class FeedbackResponse(BaseModel):
+    """The recorded feedback (durable when this reply is sent)."""
+
+    id: str
+    correct: bool = Field(description="Whether the scored answer was right.")
+    gold_index: int | None = Field(description="The given gold index, if any.")
+    answer_index: int = Field(description="The answer /score returned for this id.")
+    confidence: float = Field(description="The confidence /score returned for it.")
+    window_size: int = Field(description="Scores with feedback in the live window now.")
+
+
+class ReliabilityBinOut(BaseModel):
+    """One reliability bin: confidences in (lower, upper]."""
+
+    lower: float
+    upper: float
+    count: int
+    accuracy: float | None = Field(description="Share correct in the bin; null when empty.")
+    confidence: float | None = Field(description="Mean confidence in the bin; null when empty.")
+
+
+class CalibrationResponse(BaseModel):
+    """Calibration over the last ``window`` scores with feedback; metrics are null when n = 0."""
+
+    n: int = Field(description="Scores with feedback in the window.")
+    window: int = Field(description="Window size (UFCAL_CALIBRATION_WINDOW).")
+    n_bins: int = Field(description="Number of bins (UFCAL_CALIBRATION_BINS).")
+    accuracy: float | None
+    ece: float | None = Field(description="Expected calibration error.")
+    ipr: float | None = Field(description="Inverse pair ratio of the bins' accuracies.")
+    ce: float | None = Field(description="Confidence evenness (normalised bin entropy).")
+    brier: float | None
+    auroc: float | None = Field(description="Null also when all answers are right or all wrong.")
+    bins: list[ReliabilityBinOut]

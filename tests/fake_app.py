@@ -1,0 +1,69 @@
+"""``ufcal serve`` with a scripted fake engine instead of vLLM, for tests that need a real
+HTTP server (Prometheus scraping, restarts, kill -9):
+
+    python -m tests.fake_app --port 8400      # settings from UFCAL_* as usual
+
+The fake model reads ``p=0.83`` from the question text: option A gets probability p, option
+B the rest (other options nothing), and every fidelity chain stays with its start. Without a
+``p=`` it uses 0.6. So a test picks each answer's confidence through the question.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+from fastapi import FastAPI
+
+from service.api.app import create_app
+from service.calibration.prompts import Prompt
+from service.config import Settings
+from tests.fakes import FakeEngine, parse_prompt
+
+_P = re.compile(r"p=([0-9]*\.?[0-9]+)")
+
+
+def _log(p: float) -> float:
+    return math.log(p) if p > 0 else -math.inf
+
+
+def letters(prompt: Prompt, labels: Sequence[str]) -> Mapping[str, float]:
+    """Step 1: A with p, B with 1 - p; a chain step: stay with the substituted start."""
+    view = parse_prompt(prompt)
+    if view.substituted is not None:
+        return {lab: (0.0 if lab == view.substituted else -10.0) for lab in labels}
+    found = _P.search(view.question)
+    p = float(found.group(1)) if found else 0.6
+    return {"A": _log(p), "B": _log(1.0 - p)}
+
+
+def fake_engine() -> FakeEngine:
+    """The scripted white-box engine described above."""
+    return FakeEngine(letters=letters, model="fake-model")
+
+
+def build_app(settings: Settings | None = None) -> FastAPI:
+    """The real app over the fake engine."""
+    return create_app(settings or Settings(), engine=fake_engine())
+
+
+def main() -> None:
+    import uvicorn
+
+    from service.telemetry import configure_logging
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    settings = Settings()
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        build_app(settings), host=args.host, port=args.port, log_config=None, log_level="info"
+    )
+
+
+if __name__ == "__main__":
+    main()
