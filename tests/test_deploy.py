@@ -8,6 +8,7 @@ UFCAL_REQUIRE_DEPLOY_TOOLS=1 (as CI should) to make a missing tool a failure ins
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -304,6 +305,53 @@ def test_dashboard_and_alerts_name_only_exported_metrics(
     assert not problems, f"metrics not exported by service.telemetry.Telemetry: {problems}"
     used = {m for _, e in exprs for m in METRIC_RE.findall(e)}
     assert len(used) >= 15, used
+
+
+async def test_dashboard_live_panels_match_the_gauges_the_app_sets(tmp_path: Path) -> None:
+    """After real /score and /feedback calls (fake engine), the app's /metrics carries every
+    ufcal_live_* series the dashboard and alerts query, with the labels they group by, and
+    the dashboard shows every live gauge the app sets."""
+    import httpx
+    from asgi_lifespan import LifespanManager
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from service.config import Settings
+    from tests.fake_app import build_app
+
+    settings = Settings(_env_file=None, db_path=tmp_path / "u.db")  # type: ignore[call-arg]
+    app = build_app(settings)
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for _ in range(200):
+                if (await client.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.01)
+            for i, p in enumerate((0.95, 0.7, 0.55)):
+                body = {"id": f"d{i}", "question": f"q p={p}", "options": ["a", "b"]}
+                assert (await client.post("/score", json=body)).status_code == 200
+                fb = await client.post("/feedback", json={"id": f"d{i}", "correct": i != 1})
+                assert fb.status_code == 201
+            text = (await client.get("/metrics")).text
+    live: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ufcal_live_"):
+                live.setdefault(sample.name, set()).update(sample.labels)
+    exprs = _dashboard_exprs() + _alert_exprs(ALERTS.read_text())
+    queried = {m for _, e in exprs for m in METRIC_RE.findall(e) if m.startswith("ufcal_live_")}
+    assert queried <= set(live), f"queried but never set: {sorted(queried - set(live))}"
+    dashboard = {m for _, e in _dashboard_exprs() for m in METRIC_RE.findall(e)}
+    assert set(live) <= dashboard, f"set but not on the dashboard: {sorted(set(live) - dashboard)}"
+    groupings = [
+        g
+        for _, expr in _dashboard_exprs()
+        for g in re.findall(r"by \(([^)]*)\) \((ufcal_live_[a-z_]+)", expr)
+    ]
+    assert groupings, "the reliability panels group the bin gauges by their labels"
+    for labels, metric in groupings:
+        for label in (x.strip() for x in labels.split(",")):
+            assert label in live[metric], f"{metric} has no label {label!r}"
 
 
 def _grafana_to_promql(expr: str) -> str:
