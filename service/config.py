@@ -129,7 +129,7 @@ class Settings(BaseSettings):
         default=64, ge=0, description="Requests waiting for a slot; beyond it 429 at once."
     )
     request_timeout_s: float = Field(
-        default=60.0, gt=0, description="Deadline of one request, queueing included (504)."
+        default=20.0, gt=0, description="Deadline of one request, queueing included (504)."
     )
     engine_retry_s: float = Field(
         default=5.0,
@@ -140,7 +140,10 @@ class Settings(BaseSettings):
         default=2.0, gt=0, description="How often the engine's health is probed."
     )
     shutdown_grace_s: float = Field(
-        default=30.0, ge=0, description="SIGTERM: how long in-flight requests may finish."
+        default=25.0,
+        ge=0,
+        description="SIGTERM: how long in-flight requests may finish (keep it above "
+        "UFCAL_REQUEST_TIMEOUT_S and below the orchestrator's kill timeout, 30 s).",
     )
 
     def api_key_list(self) -> list[str]:

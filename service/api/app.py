@@ -128,7 +128,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         current: Annotated[AppState, Depends(app_state)],
     ) -> HealthResponse | JSONResponse:
         """The engine can take requests."""
-        ready = current.engine is not None and await current.engine.ready()
+        ready = (
+            current.engine is not None
+            and not current.exit_code
+            and not getattr(current.engine, "dead", False)
+            and await current.engine.ready()
+        )
         current.telemetry.set_engine_up(ready)
         if ready and current.engine is not None:
             return HealthResponse(status="ready", model=current.engine.model)
