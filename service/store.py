@@ -210,6 +210,7 @@ class Store:
         self._conf: deque[float] = deque(maxlen=window)
         self._correct: deque[bool] = deque(maxlen=window)
         self._report = live_calibration([], [], window, n_bins)
+        self._stale = False  # the window changed since the report was computed
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -351,7 +352,7 @@ class Store:
             with self._lock:
                 self._conf.append(record.confidence)
                 self._correct.append(record.correct)
-                self._recompute()
+                self._stale = True
 
         result: FeedbackRecord = await self._submit(op, durable=True, after_commit=after_commit)
         return result
@@ -453,6 +454,11 @@ class Store:
                     job.after_commit(value)
                 except Exception:  # pragma: no cover - bookkeeping must not lose the reply
                     log.exception("store: after-commit hook failed")
+        with self._lock:  # one report per batch, ready before anyone is answered
+            if self._stale:
+                self._recompute()
+                self._stale = False
+        for job, (ok, value) in zip(jobs, outcomes, strict=True):
             if ok:
                 job.future.set_result(value)
             else:
