@@ -139,6 +139,12 @@ def _metrics(args: argparse.Namespace) -> int:
     return metrics_command(args.file, args.bins)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from service.evaluation.command import eval_command
+
+    return eval_command(args)
+
+
 def _model(args: argparse.Namespace) -> int:
     from service.engines.embedded import prepare_embedded_model
 
@@ -180,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("file", help="JSONL with 'confidence' and 'correct' per line")
     metrics.add_argument("--bins", type=int, default=10, help="number of equal-width bins")
     metrics.set_defaults(func=_metrics)
+
+    from service.evaluation.command import add_eval_arguments
+
+    ev = sub.add_parser(
+        "eval", help="calibration of chosen methods over MCQA files: table and diagrams"
+    )
+    add_eval_arguments(ev)
+    ev.set_defaults(func=_eval)
     return parser
 
 

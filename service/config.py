@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     few_shot: str = Field(default="", description="Text placed before every question.")
     substitute_text: str = SUBSTITUTE_TEXT
 
+    # Evaluation (ufcal eval)
+    data_dir: Path = Field(
+        default=Path("../shared/data/mcqa"),
+        description="Where ufcal eval looks up bare MCQA file names.",
+    )
+
     # Method defaults (each overridable per request)
     mode: Mode = "auto"
     samples: int = Field(default=10, ge=1, le=64)

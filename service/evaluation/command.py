@@ -1,0 +1,264 @@
+"""``ufcal eval``: wire the data, the engine, the runner and the report together."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from service.config import Settings
+from service.evaluation.data import Item, load_selection
+from service.evaluation.report import (
+    GroupSummary,
+    figure_name,
+    markdown_table,
+    summarize,
+    write_figures,
+)
+from service.evaluation.results import ResultsFile, row_key
+from service.evaluation.runner import EvalStats, run_eval
+from service.scoring import METHODS, Method, ResolvedMode, ScoreParams, method_mode
+
+__all__ = ["add_eval_arguments", "eval_command"]
+
+DEFAULT_OUT = "eval/results.jsonl"
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``ufcal eval``."""
+    parser.add_argument(
+        "files",
+        nargs="+",
+        help="MCQA JSONL files (a bare name is looked up in --data-dir)",
+    )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated, from {', '.join(METHODS)} (default: all)",
+    )
+    parser.add_argument("--mode", choices=["auto", "logprobs", "sampling"], default=None)
+    parser.add_argument("--limit", type=int, default=None, help="first N questions per file")
+    parser.add_argument(
+        "--per-subject", type=int, default=None, help="first N questions per subject (MMLU)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="option permutation seed")
+    parser.add_argument("--samples", type=int, default=None, help="K (default UFCAL_SAMPLES)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="append-only results JSONL")
+    parser.add_argument("--figures", default=None, help="write reliability PNGs here")
+    parser.add_argument("--report", default=None, help="write a Markdown report here")
+    parser.add_argument("--concurrency", type=int, default=16, help="questions in flight")
+    parser.add_argument("--data-dir", default=None, help="default: UFCAL_DATA_DIR")
+    parser.add_argument("--bins", type=int, default=10, help="bins of ECE, IPR, CE")
+    parser.add_argument(
+        "--no-run", action="store_true", help="only summarise what the results file holds"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _resolve(files: Sequence[str], data_dir: Path) -> list[Path]:
+    paths = []
+    for name in files:
+        path = Path(name)
+        if not path.exists() and not path.is_absolute() and (data_dir / name).exists():
+            path = data_dir / name
+        if not path.exists():
+            raise SystemExit(f"error: no such MCQA file: {name} (looked in . and {data_dir})")
+        paths.append(path)
+    return paths
+
+
+def _methods(spec: str) -> list[Method]:
+    methods: list[Method] = []
+    for name in (m.strip() for m in spec.split(",")):
+        if name not in METHODS:
+            raise SystemExit(f"error: unknown method {name!r}; choose from {', '.join(METHODS)}")
+        if name not in methods:
+            methods.append(name)
+    return methods
+
+
+def wall_time_s(rows: Sequence[dict[str, Any]]) -> float:
+    """Summed wall time of the runs that wrote ``rows`` (from each run's start to its last
+    row), so that a resumed evaluation counts every part it took."""
+    spans: dict[str, tuple[float, float]] = {}
+    for row in rows:
+        run = str(row.get("run", ""))
+        start = float(row.get("run_started", row.get("finished", 0.0)))
+        end = float(row.get("finished", start))
+        lo, hi = spans.get(run, (start, end))
+        spans[run] = (min(lo, start), max(hi, end))
+    return sum(hi - lo for lo, hi in spans.values())
+
+
+def _parse_lines(
+    summaries: Sequence[GroupSummary], rows: Sequence[dict[str, Any]], k: int
+) -> list[str]:
+    """Replies asked and unparsed per (dataset, method, mode)."""
+    lines = [
+        "| dataset | method | mode | replies | unparsed | parse rate |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for s in summaries:
+        group = [
+            r
+            for r in rows
+            if (r["dataset"], r["method"], r["mode"]) == (s.dataset, s.method, s.mode)
+        ]
+        if s.method in ("verbalized", "linguistic"):
+            asked = len(group)  # one stated confidence per question
+            bad = sum(1 for r in group if "error" in r)
+        elif s.mode == "sampling":
+            # K samples in step 1, then one reply per chain step.
+            asked = sum(int((r.get("usage") or {}).get("prompts", 1)) - 1 + k for r in group)
+            bad = sum(int((r.get("usage") or {}).get("unparsed", 0)) for r in group)
+        else:
+            continue
+        rate = 1 - bad / asked if asked else 0.0
+        lines.append(f"| {s.dataset} | {s.method} | {s.mode} | {asked} | {bad} | {rate:.3f} |")
+    return lines
+
+
+def render_report(
+    command: str,
+    summaries: Sequence[GroupSummary],
+    rows: Sequence[dict[str, Any]],
+    items: Sequence[Item],
+    settings: Settings,
+    params: ScoreParams,
+    figures: Path | None,
+    report_path: Path,
+) -> str:
+    """The Markdown report: command, set-up, wall time, table, parse rates, diagrams."""
+    per_dataset: dict[str, int] = {}
+    for item in items:
+        per_dataset[item.dataset] = per_dataset.get(item.dataset, 0) + 1
+    models = sorted({str(r["model"]) for r in rows if "model" in r})
+    wall = wall_time_s(rows)
+    out = [
+        "# Calibration results",
+        "",
+        "Produced by (from the repository root; the data in `../shared/data/mcqa/`):",
+        "",
+        "```sh",
+        command,
+        "```",
+        "",
+        f"- model: {', '.join(models) or '-'}; engine: "
+        f"{'vLLM server ' + settings.engine_url if settings.engine_urls else 'in-process vLLM'}",
+        f"- questions: {', '.join(f'{d} {n}' for d, n in per_dataset.items())}; options "
+        "permuted with a fixed seed",
+        f"- K = {params.samples} samples at T = {params.temperature} (sampled), tau = "
+        f"{params.tau}, eps = {params.eps}, requested mode {params.mode}",
+        f"- wall time: {wall / 60:.1f} min ({wall:.0f} s) summed over the runs that wrote "
+        f"these {len(rows)} rows, on this machine",
+        "",
+        "## Metrics",
+        "",
+        "ECE, IPR, CE over 10 equal-width bins (see `docs/uf-calibration.md`). `n` counts "
+        "the questions with a confidence; `unscorable` those where the model named no option "
+        "or stated no confidence (left out of the metrics, never given a made-up one). "
+        "`prompts/q` is the engine prompts each method needs for a question alone.",
+        "",
+        markdown_table(summaries),
+        "## Parse rates",
+        "",
+        "Replies that had to be parsed and how many did not parse.",
+        "",
+        *_parse_lines(summaries, rows, params.samples),
+        "",
+    ]
+    if figures is not None:
+        out += [
+            "## Reliability diagrams",
+            "",
+            "Accuracy per confidence bin (bars, bin count on top) against the diagonal.",
+            "",
+        ]
+        try:
+            rel = figures.resolve().relative_to(report_path.resolve().parent)
+        except ValueError:
+            rel = figures.resolve()
+        for s in summaries:
+            out.append(f"![{s.dataset} {s.method}]({rel.as_posix()}/{figure_name(s)})")
+        out.append("")
+    return "\n".join(out)
+
+
+async def _run(
+    args: argparse.Namespace,
+    items: list[Item],
+    methods: list[Method],
+    settings: Settings,
+    params: ScoreParams,
+) -> tuple[EvalStats, dict[Method, ResolvedMode]]:
+    from service.engines import build_engine
+
+    engine = await build_engine(settings)
+    await engine.start()
+    try:
+        modes = {m: method_mode(m, params.mode, engine) for m in methods}
+        if args.no_run:
+            return EvalStats(questions=len(items)), modes
+        with ResultsFile(args.out) as results:
+            stats = await run_eval(
+                items,
+                methods,
+                engine,
+                settings.prompt_template(),
+                params,
+                results,
+                concurrency=args.concurrency,
+                progress=not args.no_progress,
+            )
+        return stats, modes
+    finally:
+        await engine.close()
+
+
+def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """Run (or resume) the evaluation, then print the table and write figures and report."""
+    settings = Settings()
+    data_dir = Path(args.data_dir) if args.data_dir else settings.data_dir
+    paths = _resolve(args.files, data_dir)
+    methods = _methods(args.methods)
+    items = load_selection(paths, args.limit, args.per_subject, args.seed)
+    params = ScoreParams(
+        method="uf",
+        mode=args.mode or settings.mode,
+        samples=args.samples or settings.samples,
+        temperature=settings.temperature,
+        tau=settings.tau,
+        eps=settings.eps,
+        skip_mass=settings.skip_mass,
+    )
+    started = time.time()
+    stats, modes = asyncio.run(_run(args, items, methods, settings, params))
+    wanted = {(i.dataset, i.id, m, modes[m]) for i in items for m in methods}
+    rows = [r for r in ResultsFile(args.out).rows if row_key(r) in wanted]
+    summaries = summarize(rows, methods, list(dict.fromkeys(i.dataset for i in items)), args.bins)
+    print(markdown_table(summaries), end="")
+    print(
+        f"{stats.questions} questions: {stats.skipped} already done, {stats.written} rows "
+        f"written ({stats.unscorable} unscorable), {stats.failed} failed on the engine; "
+        f"{time.time() - started:.0f} s",
+        file=sys.stderr,
+    )
+    for error in stats.errors[:5]:
+        print(f"  {error}", file=sys.stderr)
+    figures = Path(args.figures) if args.figures else None
+    if figures is not None:
+        write_figures(summaries, figures)
+    if args.report:
+        report_path = Path(args.report)
+        command = "ufcal eval " + shlex.join(list(argv) if argv is not None else sys.argv[2:])
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(
+            render_report(command, summaries, rows, items, settings, params, figures, report_path),
+            encoding="utf-8",
+        )
+    return 1 if stats.failed else 0
