@@ -277,11 +277,10 @@ async def test_cancelling_an_http_engine_call_closes_its_connection() -> None:
     def accept() -> None:
         conn, _ = listener.accept()
         conn.settimeout(10)
-        with conn:
-            with contextlib.suppress(OSError):
-                while conn.recv(65536):  # read the request, never answer it
-                    pass
-                closed.set()  # recv returned b"": the client closed the connection
+        with conn, contextlib.suppress(OSError):
+            while conn.recv(65536):  # read the request, never answer it
+                pass
+            closed.set()  # recv returned b"": the client closed the connection
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()

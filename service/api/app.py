@@ -17,7 +17,7 @@ from service.api import security
 from service.api.admission import Admission, DeadlineExceeded, Overloaded
 from service.api.common import AppState, ServiceUnavailable, app_state, error_response, one_line
 from service.api.feedback import serving as feedback_serving
-from service.api.limits import BodySizeLimit
+from service.api.limits import BodySizeLimit, document_body_errors
 from service.api.score import serving as score_serving
 from service.api.watchdog import watch_engine
 from service.config import Settings
@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.api_keys = security.ApiKeys(settings.api_key_list())
     app.state.open_paths = security.open_paths(settings.metrics_auth)
     security.document_security(app, app.state.open_paths)
+    document_body_errors(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
     @app.exception_handler(Overloaded)

@@ -6,9 +6,10 @@ Every refusal names the limit and the setting that raises it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
-from fastapi import HTTPException
+from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -145,3 +146,39 @@ def check_score_limits(body: ScoreRequest, settings: Settings) -> None:
     issues = score_limit_issues(body, settings)
     if issues:
         raise RequestValidationError(issues)
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {"detail": {"type": "string"}},
+    "required": ["detail"],
+}
+_BODY_ERRORS = {
+    "400": "The body is not UTF-8 JSON (FastAPI cannot parse it).",
+    "413": "The body is over UFCAL_MAX_BODY_BYTES.",
+}
+
+
+def document_body_errors(app: FastAPI) -> None:
+    """Make ``app.openapi()`` list the refusals every operation with a body can answer
+    before its handler runs: 400 (unparseable body) and 413 (too large)."""
+    build: Callable[[], dict[str, Any]] = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                if not isinstance(operation, dict) or "requestBody" not in operation:
+                    continue
+                responses = operation.setdefault("responses", {})
+                for code, description in _BODY_ERRORS.items():
+                    responses.setdefault(
+                        code,
+                        {
+                            "description": description,
+                            "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+                        },
+                    )
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -28,11 +28,11 @@ def distribution_from_logprobs(logprobs: Sequence[float], temperature: float = 1
     """P(a) = softmax over the options of logprob(a) / T (``-inf`` gives 0)."""
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
-    scaled = [lp / temperature for lp in logprobs]
-    top = max(scaled)
+    top = max(logprobs)
     if top == -math.inf:
         raise ValueError("no option letter has any probability")
-    weights = [math.exp(s - top) for s in scaled]
+    # Shift before scaling: a tiny T (e.g. 5e-324) would overflow lp / T to -inf for all.
+    weights = [math.exp((lp - top) / temperature) for lp in logprobs]
     total = sum(weights)
     return [w / total for w in weights]
 
