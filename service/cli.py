@@ -153,6 +153,12 @@ def _model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from service.bench.cli import bench_command
+
+    return bench_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ufcal`` command line."""
     parser = argparse.ArgumentParser(prog="ufcal", description=__doc__)
@@ -181,6 +187,27 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="convert the embedded model (once); print its folder")
     model.add_argument("--cache", default=None, help="default: UFCAL_MODEL_CACHE")
     model.set_defaults(func=_model)
+
+    bench = sub.add_parser(
+        "bench", help="throughput and latency: plain answer vs UF vs naive, service overhead"
+    )
+    bench.add_argument("--n", type=int, default=100, help="questions (default 100)")
+    bench.add_argument(
+        "--data",
+        default="../shared/data/mcqa/arc_challenge_test.jsonl",
+        help="MCQA JSONL file (default: ARC-Challenge from ../shared)",
+    )
+    bench.add_argument(
+        "--engine-url", default=None, help="vLLM server(s); default: UFCAL_ENGINE_URL or in-process"
+    )
+    bench.add_argument("--variants", default="abcd", help="subset of a, b, c, d")
+    bench.add_argument("--concurrency", type=int, default=32, help="questions in flight (a-c)")
+    bench.add_argument("--samples", type=int, default=10, help="K for c and d")
+    bench.add_argument("--out", default="reports/bench.json", help="JSON report path")
+    bench.add_argument("--overhead-requests", type=int, default=2000)
+    bench.add_argument("--no-overhead", action="store_true", help="skip the service overhead")
+    bench.add_argument("--no-engine", action="store_true", help="only the service overhead")
+    bench.set_defaults(func=_bench)
 
     metrics = sub.add_parser("metrics", help="calibration metrics of a scored JSONL file")
     metrics.add_argument("file", help="JSONL with 'confidence' and 'correct' per line")

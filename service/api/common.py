@@ -82,7 +82,7 @@ class AppState:
         return self.engine
 
 
-def app_state(request: Request) -> AppState:
+async def app_state(request: Request) -> AppState:
     """FastAPI dependency: the app's state."""
     state: AppState = request.app.state.ufcal
     return state
