@@ -344,3 +344,18 @@ def test_metrics_file_skips_unscorable_lines(
     captured = capsys.readouterr()
     assert json.loads(captured.out)["n"] == 2
     assert "1 unscorable" in captured.err
+
+
+def test_a_file_can_override_the_limit(tmp_path: Path) -> None:
+    from service.evaluation.data import split_limit
+
+    assert split_limit("a.jsonl:30") == ("a.jsonl", 30)
+    assert split_limit("a.jsonl:all") == ("a.jsonl", "all")
+    assert split_limit("a.jsonl") == ("a.jsonl", None)
+    assert split_limit("C:/x.jsonl") == ("C:/x.jsonl", None)
+    first = _write_mcqa(tmp_path / "a.jsonl", 10, dataset="a")
+    second = _write_mcqa(tmp_path / "b.jsonl", 10, dataset="b")
+    items = load_selection([first, (second, "all")], 3, None, seed=0)
+    assert [i.dataset for i in items] == ["a"] * 3 + ["b"] * 10
+    items = load_selection([(first, 5), second], 3, None, seed=0)
+    assert [i.dataset for i in items] == ["a"] * 5 + ["b"] * 3

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import Settings
-from service.evaluation.data import Item, load_selection
+from service.evaluation.data import Item, load_selection, split_limit
 from service.evaluation.report import (
     GroupSummary,
     figure_name,
@@ -34,7 +34,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "files",
         nargs="+",
-        help="MCQA JSONL files (a bare name is looked up in --data-dir)",
+        help="MCQA JSONL files (a bare name is looked up in --data-dir); FILE:N or FILE:all "
+        "overrides --limit for that file",
     )
     parser.add_argument(
         "--methods",
@@ -60,15 +61,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _resolve(files: Sequence[str], data_dir: Path) -> list[Path]:
-    paths = []
-    for name in files:
+def _resolve(files: Sequence[str], data_dir: Path) -> list[tuple[Path, int | str | None]]:
+    paths: list[tuple[Path, int | str | None]] = []
+    for spec in files:
+        name, own = split_limit(spec)
         path = Path(name)
         if not path.exists() and not path.is_absolute() and (data_dir / name).exists():
             path = data_dir / name
         if not path.exists():
             raise SystemExit(f"error: no such MCQA file: {name} (looked in . and {data_dir})")
-        paths.append(path)
+        paths.append((path, own))
     return paths
 
 

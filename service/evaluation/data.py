@@ -100,12 +100,30 @@ def permute(item: Item, seed: int) -> Item:
     )
 
 
+_NO_LIMIT = "all"
+
+
+def split_limit(spec: str) -> tuple[str, int | str | None]:
+    """``"file.jsonl:300"`` -> ("file.jsonl", 300); ``"file.jsonl:all"`` -> (.., "all");
+    a name without a ``:N`` suffix -> (name, None), meaning "use --limit"."""
+    name, sep, tail = spec.rpartition(":")
+    if sep and name and (tail.isdigit() or tail == _NO_LIMIT):
+        return name, int(tail) if tail.isdigit() else _NO_LIMIT
+    return spec, None
+
+
 def load_selection(
-    paths: Sequence[str | Path], limit: int | None, per_subject: int | None, seed: int | None
+    paths: Sequence[str | Path | tuple[str | Path, int | str | None]],
+    limit: int | None,
+    per_subject: int | None,
+    seed: int | None,
 ) -> list[Item]:
-    """Load, select and (unless ``seed`` is None) permute the questions of every file."""
+    """Load, select and (unless ``seed`` is None) permute the questions of every file. A
+    ``(path, n)`` entry overrides ``limit`` for that file (``"all"``: no limit)."""
     items: list[Item] = []
-    for path in paths:
-        chosen = select(load_mcqa(path), limit, per_subject)
+    for entry in paths:
+        path, own = entry if isinstance(entry, tuple) else (entry, None)
+        file_limit = limit if own is None else (None if own == _NO_LIMIT else int(own))
+        chosen = select(load_mcqa(path), file_limit, per_subject)
         items += [permute(i, seed) for i in chosen] if seed is not None else chosen
     return items
