@@ -269,6 +269,8 @@ def test_eval_command_end_to_end(
     data.mkdir()
     _write_mcqa(data / "toy.jsonl", 6)
     engine = _engine()
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Notes\n\nHand-written scope.\n")
 
     async def build(settings: Any) -> FakeEngine:
         return engine
@@ -290,6 +292,8 @@ def test_eval_command_end_to_end(
         str(tmp_path / "docs" / "figures"),
         "--report",
         str(tmp_path / "docs" / "results.md"),
+        "--notes",
+        str(notes),
         "--no-progress",
     ]
     args = build_parser().parse_args(argv)
@@ -302,6 +306,7 @@ def test_eval_command_end_to_end(
     report = (tmp_path / "docs" / "results.md").read_text()
     assert "ufcal eval toy.jsonl --data-dir" in report
     assert "](figures/reliability_toy_uf_logprobs.png)" in report
+    assert "## Notes\n\nHand-written scope." in report
     assert "wall time" in report and "| toy | linguistic | logprobs | 5 | 0 | 1.000 |" in report
     assert len(list((tmp_path / "docs" / "figures").glob("*.png"))) == 3
     # Summarising again without running reads the same file.

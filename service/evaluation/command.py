@@ -52,6 +52,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, help="append-only results JSONL")
     parser.add_argument("--figures", default=None, help="write reliability PNGs here")
     parser.add_argument("--report", default=None, help="write a Markdown report here")
+    parser.add_argument(
+        "--notes", default=None, help="Markdown file included in the report as its notes"
+    )
     parser.add_argument("--concurrency", type=int, default=16, help="questions in flight")
     parser.add_argument("--data-dir", default=None, help="default: UFCAL_DATA_DIR")
     parser.add_argument("--bins", type=int, default=10, help="bins of ECE, IPR, CE")
@@ -134,6 +137,7 @@ def render_report(
     params: ScoreParams,
     figures: Path | None,
     report_path: Path,
+    notes: str = "",
 ) -> str:
     """The Markdown report: command, set-up, wall time, table, parse rates, diagrams."""
     per_dataset: dict[str, int] = {}
@@ -159,6 +163,7 @@ def render_report(
         f"- wall time: {wall / 60:.1f} min ({wall:.0f} s) summed over the runs that wrote "
         f"these {len(rows)} rows, on this machine",
         "",
+        *([notes.strip(), ""] if notes.strip() else []),
         "## Metrics",
         "",
         "ECE, IPR, CE over 10 equal-width bins (see `docs/uf-calibration.md`). `n` counts "
@@ -260,7 +265,17 @@ def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
         command = "ufcal eval " + shlex.join(list(argv) if argv is not None else sys.argv[2:])
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(
-            render_report(command, summaries, rows, items, settings, params, figures, report_path),
+            render_report(
+                command,
+                summaries,
+                rows,
+                items,
+                settings,
+                params,
+                figures,
+                report_path,
+                Path(args.notes).read_text(encoding="utf-8") if args.notes else "",
+            ),
             encoding="utf-8",
         )
     return 1 if stats.failed else 0
