@@ -82,7 +82,7 @@ def summarize(
 
 
 def _f(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+    return "-" if value is None else f"{value + 0.0:.3f}"  # + 0.0: no "-0.000"
 
 
 def markdown_table(summaries: Sequence[GroupSummary]) -> str:
@@ -145,7 +145,7 @@ def reliability_png(summary: GroupSummary, path: str | Path) -> None:
                 )
             ax.set_title(
                 f"{summary.dataset} / {summary.method}\n"
-                f"n={report.n} ECE={report.ece:.3f} IPR={report.ipr:.2f} CE={report.ce:.2f}",
+                f"n={report.n} ECE={report.ece:.3f} IPR={report.ipr:.2f} CE={report.ce + 0.0:.2f}",
                 fontsize=7,
             )
         else:
