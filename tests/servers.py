@@ -25,6 +25,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_in(low: int, high: int) -> int:
+    """A free port in [low, high), so that the reliability tests' servers stay in a known
+    range (else any free port)."""
+    import random
+
+    ports = list(range(low, high))
+    random.shuffle(ports)
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 def cpu_env() -> dict[str, str]:
     """What vLLM's CPU backend needs here (measured: without the binding it uses one core)."""
     return {
@@ -144,7 +161,7 @@ def fake_server(
     port: int | None = None,
 ) -> ServerProcess:
     """``ufcal serve`` over the fake engine (``tests/fake_server.py``) as a real process."""
-    port = port or free_port()
+    port = port or free_port_in(8500, 8600)
     argv = [sys.executable, "-m", "tests.fake_server", "--port", str(port), "--delay", str(delay)]
     if die_after is not None:
         argv += ["--die-after", str(die_after)]

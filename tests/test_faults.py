@@ -318,3 +318,23 @@ def test_dead_in_process_engine_answers_503_then_exits_non_zero(tmp_path: Any) -
     assert 200 in codes
     assert 503 in codes
     assert set(codes) <= {200, 503}
+
+
+async def test_http_engine_fails_fast_while_every_server_is_down() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if request.url.path == "/health" or calls > 100:
+            return httpx.Response(503)
+        raise httpx.ConnectError("refused", request=request)
+
+    engine = _engine(handler, retry_s=5.0)
+    assert not await engine.ready()  # the probe marks the only server down
+    calls = 0
+    started = time.perf_counter()
+    with pytest.raises(EngineUnavailable):
+        await engine.generate([PROMPT], [GenerationParams()])
+    assert time.perf_counter() - started < 0.5
+    assert calls == 1

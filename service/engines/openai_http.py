@@ -9,7 +9,8 @@ Faults: every call is a pure read (idempotent), so a connection error, a dropped
 or a 502/503/504 is retried with exponential backoff, on the next healthy server when there
 are several, for up to ``retry_s`` seconds; then ``EngineUnavailable`` (HTTP 503). A server
 that failed is marked down and skipped until a probe (``ready``) or a call succeeds again,
-so the service recovers by itself when the server comes back. Cancelling a call (the request
+so the service recovers by itself when the server comes back; while every server is down a
+call makes one attempt and fails fast instead of waiting out the retry budget. Cancelling a call (the request
 deadline) closes its HTTP connection, which makes vLLM's server abort the request."""
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from service.engines.base import (
 from service.engines.letters import combine_letter_logprobs, letter_token_ids
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO: with health probes every few seconds that is noise.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 _TOKEN_ID_PREFIX = "token_id:"
 _RETRY_STATUS = frozenset({502, 503, 504})
@@ -118,8 +121,10 @@ class OpenAIHTTPEngine:
             log.warning("engine down", extra={"fields": {"engine": base}})
 
     async def _post(self, path: str, body: dict[str, Any], base: str | None = None) -> Any:
-        """POST with retries of connection-level failures for up to ``retry_s``."""
-        give_up = time.monotonic() + self._retry_s
+        """POST with retries of connection-level failures for up to ``retry_s``; a single
+        attempt when every server is already known to be down (a fast 503, no pile-up)."""
+        all_down = len(self._down) == len(self._urls)
+        give_up = time.monotonic() + (0.0 if all_down else self._retry_s)
         attempt = 0
         while True:
             server = base or self._url()
