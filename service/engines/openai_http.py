@@ -9,9 +9,10 @@ Faults: every call is a pure read (idempotent), so a connection error, a dropped
 or a 502/503/504 is retried with exponential backoff, on the next healthy server when there
 are several, for up to ``retry_s`` seconds; then ``EngineUnavailable`` (HTTP 503). A server
 that failed is marked down and skipped until a probe (``ready``) or a call succeeds again,
-so the service recovers by itself when the server comes back; while every server is down a
-call makes one attempt and fails fast instead of waiting out the retry budget. Cancelling a call (the request
-deadline) closes its HTTP connection, which makes vLLM's server abort the request."""
+so the service recovers by itself when the server comes back. While every server is down,
+a call makes one attempt and fails fast instead of waiting out the retry budget.
+Cancelling a call (the request deadline) closes its HTTP connection, which makes vLLM's
+server abort the request."""
 
 from __future__ import annotations
 
