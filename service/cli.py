@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -52,7 +54,13 @@ def run_server(app: Any, settings: Settings, host: str, port: int) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: None)
     server.run()
-    return int(getattr(app.state.ufcal, "exit_code", 0) or 0)
+    code = int(getattr(app.state.ufcal, "exit_code", 0) or 0)
+    if code:  # the engine died: its leftover threads would hold the exit for seconds
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _questions(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
