@@ -14,6 +14,9 @@ import pytest
 from tests.servers import SHARED_DATA, ServerProcess, running, ufcal_server, vllm_server
 
 START_TIMEOUT_S = 300.0
+# The integration servers check correctness, not latency: a deadline that a loaded 2-core CI
+# machine cannot miss (the deadline itself is tested in test_overload / test_engine_kill).
+CORRECTNESS_ENV = {"UFCAL_REQUEST_TIMEOUT_S": "600"}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,7 +55,12 @@ def vllm(model_dir: Path, server_logs: Path) -> Iterator[ServerProcess]:
 @pytest.fixture(scope="session")
 def ufcal_remote(vllm: ServerProcess, server_logs: Path) -> Iterator[ServerProcess]:
     """``ufcal serve`` using the vLLM server through UFCAL_ENGINE_URL."""
-    server = ufcal_server(server_logs, "ufcal-remote", {"UFCAL_ENGINE_URL": vllm.base_url})
+    env = {
+        **CORRECTNESS_ENV,
+        "UFCAL_ENGINE_URL": vllm.base_url,
+        "UFCAL_DB_PATH": str(server_logs / "ufcal-remote.db"),
+    }
+    server = ufcal_server(server_logs, "ufcal-remote", env)
     with running(server, "/readyz", START_TIMEOUT_S) as started:
         yield started
 
@@ -60,7 +68,8 @@ def ufcal_remote(vllm: ServerProcess, server_logs: Path) -> Iterator[ServerProce
 @pytest.fixture(scope="session")
 def ufcal_local(model_dir: Path, server_logs: Path) -> Iterator[ServerProcess]:
     """``ufcal serve`` with the in-process vLLM engine on the embedded model (make serve)."""
-    server = ufcal_server(server_logs, "ufcal-local", {})
+    env = {**CORRECTNESS_ENV, "UFCAL_DB_PATH": str(server_logs / "ufcal-local.db")}
+    server = ufcal_server(server_logs, "ufcal-local", env)
     with running(server, "/readyz", START_TIMEOUT_S) as started:
         yield started
 

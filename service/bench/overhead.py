@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -85,7 +87,14 @@ def _free_port() -> int:
 def instant_server() -> Any:
     """Run ``instant_app`` under uvicorn in a subprocess; yield its base URL."""
     port = _free_port()
-    env = {**os.environ, "UFCAL_LOG_LEVEL": "warning"}
+    # A throwaway database: the store's writes are part of the overhead, its rows are not
+    # worth keeping.
+    db_dir = tempfile.mkdtemp(prefix="ufcal-bench-")
+    env = {
+        **os.environ,
+        "UFCAL_LOG_LEVEL": "warning",
+        "UFCAL_DB_PATH": os.path.join(db_dir, "bench.db"),
+    }
     process = subprocess.Popen(
         [
             sys.executable, "-m", "uvicorn", "--factory", "service.bench.overhead:instant_app",
@@ -110,6 +119,7 @@ def instant_server() -> Any:
     finally:
         process.terminate()
         process.wait(10)
+        shutil.rmtree(db_dir, ignore_errors=True)
 
 
 async def load(url: str, concurrency: int, requests: int) -> dict[str, Any]:
