@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 
 from service.calibration.prompts import Prompt
 from service.engines.base import EngineError
-from tests.fakes import FakeEngine, parse_prompt
+from tests.fakes import FakeCall, FakeEngine, parse_prompt
 from tests.test_api import _settings, serve
 
 
@@ -73,3 +74,45 @@ async def test_batch_size_limit_is_422_naming_items() -> None:
     assert r.json()["detail"][0]["loc"] == ["body", "items"]
     assert "UFCAL_MAX_BATCH_SIZE" in r.json()["detail"][0]["msg"]
     assert empty.status_code == 422
+
+
+async def test_an_item_over_a_limit_is_422_naming_it() -> None:
+    items = [_item("ok", ["right", "wrong"]), _item("x" * 50, ["right", "wrong"])]
+    async with serve(FakeEngine(letters=_letters), _settings(max_question_chars=20)) as client:
+        r = await client.post("/score/batch", json={"items": items})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "items", 1, "question"]
+    assert "UFCAL_MAX_QUESTION_CHARS" in r.json()["detail"][0]["msg"]
+
+
+async def test_items_past_the_deadline_are_504_and_the_rest_are_kept() -> None:
+    def delay(call: FakeCall) -> float:
+        return 5.0 if any("slow" in p.user for p in call.prompts) else 0.0
+
+    engine = FakeEngine(letters=_letters, delay=delay)
+    items = [_item("fast", ["right", "wrong"]), _item("slow", ["right", "wrong"])]
+    async with serve(engine, _settings(request_timeout_s=0.5)) as client:
+        r = await client.post("/score/batch", json={"items": items})
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert results[0]["result"]["answer"]["label"] == "A"
+    assert results[1]["error"]["status"] == 504
+    assert "UFCAL_REQUEST_TIMEOUT_S" in results[1]["error"]["detail"]
+    assert engine.in_flight == 0  # the slow item's engine work was cancelled
+
+
+async def test_a_batch_beyond_capacity_and_queue_is_429() -> None:
+    def delay(call: FakeCall) -> float:
+        return 1.0 if any("hold" in p.user for p in call.prompts) else 0.0
+
+    engine = FakeEngine(letters=_letters, delay=delay)
+    async with serve(engine, _settings(max_concurrency=1, max_queue=0)) as client:
+        holder = asyncio.create_task(
+            client.post("/score", json={"question": "hold", "options": ["right", "wrong"]})
+        )
+        while engine.in_flight == 0:
+            await asyncio.sleep(0.01)
+        r = await client.post("/score/batch", json={"items": [_item("q", ["right", "x"])]})
+        assert (await holder).status_code == 200
+    assert r.status_code == 429
+    assert "Retry-After" in r.headers

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from service.api.admission import DeadlineExceeded, Overloaded
 from service.api.common import ERROR_RESPONSES, AppState, app_state, error_response
 from service.api.feedback.serving import record_score
-from service.api.limits import check_score_limits
+from service.api.limits import check_score_limits, score_limit_issues
 from service.api.score.protocol import (
     AnswerOut,
     BatchItem,
@@ -183,23 +183,58 @@ def _batch_item(index: int, outcome: ScoreResponse | JSONResponse) -> BatchItem:
 @router.post("/score/batch", response_model=BatchScoreResponse, responses=ERROR_RESPONSES)
 async def score_batch(
     body: BatchScoreRequest, state: Annotated[AppState, Depends(app_state)]
-) -> BatchScoreResponse:
+) -> BatchScoreResponse | JSONResponse:
     """Score many questions at once; results come back in order, each with its own status.
 
-    All items are in flight together, so the engine batches their prompts."""
-    if len(body.items) > state.settings.max_batch_size:
+    All items are in flight together, so the engine batches their prompts. The batch takes
+    one admission slot per item (at most all of them) and the request deadline covers it:
+    items still running at the deadline come back as 504, the finished ones as usual."""
+    settings = state.settings
+    if len(body.items) > settings.max_batch_size:
         raise RequestValidationError(
             [
                 {
                     "loc": ("body", "items"),
-                    "msg": f"at most {state.settings.max_batch_size} items per batch "
+                    "msg": f"at most {settings.max_batch_size} items per batch "
                     "(UFCAL_MAX_BATCH_SIZE)",
                     "type": "too_long",
                     "input": len(body.items),
                 }
             ]
         )
-    outcomes = await asyncio.gather(*(score_request(state, item) for item in body.items))
+    issues = [
+        issue
+        for i, item in enumerate(body.items)
+        for issue in score_limit_issues(item, settings, ("body", "items", i))
+    ]
+    if issues:
+        raise RequestValidationError(issues)
+
+    mode = settings.mode
+    tasks: list[asyncio.Task[ScoreResponse | JSONResponse]] = []
+
+    async def run_items() -> None:
+        tasks.extend(asyncio.create_task(score_request(state, item)) for item in body.items)
+        await asyncio.wait(tasks)
+
+    try:
+        await state.admission.run(
+            run_items, cost=len(body.items), timeout_s=settings.request_timeout_s
+        )
+    except Overloaded as exc:
+        return error_response(exc, mode)
+    except DeadlineExceeded as exc:
+        if not tasks:  # the deadline passed while the batch was queued
+            return error_response(exc, mode)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        late = error_response(exc, mode)
+        outcomes = [
+            task.result() if task.done() and not task.cancelled() else late for task in tasks
+        ]
+    else:
+        outcomes = [task.result() for task in tasks]
     results = [_batch_item(i, outcome) for i, outcome in enumerate(outcomes)]
     failed = sum(1 for r in results if r.error is not None)
     return BatchScoreResponse(results=results, succeeded=len(results) - failed, failed=failed)
