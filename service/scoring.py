@@ -13,6 +13,7 @@ share the chains; every method of one mode shares step 1). Each method's result 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -318,7 +319,16 @@ class QuestionRun:
                 )
             usage.engine_calls += 1
             usage.prompts += 1
-            generation = (await self.engine.generate([prompt], [gen]))[0]
+            try:
+                generation = (await self.engine.generate([prompt], [gen]))[0]
+            except EngineFeatureMissing:
+                if gen.choices is None:
+                    raise
+                # No structured choice on this engine: ask again in free text and parse it.
+                usage.engine_calls += 1
+                usage.prompts += 1
+                free = dataclasses.replace(gen, choices=None)
+                generation = (await self.engine.generate([prompt], [free]))[0]
             usage.prompt_tokens += generation.prompt_tokens
             usage.completion_tokens += generation.completion_tokens
             reply = generation.texts[0] if generation.texts else ""

@@ -285,3 +285,16 @@ def test_uf_through_a_question_run_is_unchanged() -> None:
 
 def test_choice_strings_still_cover_letters() -> None:
     assert choice_strings(["A"]) == ("A", " A")
+
+
+def test_linguistic_falls_back_to_free_text_without_structured_choice() -> None:
+    def generate(prompt: Prompt, params: GenerationParams) -> list[str]:
+        if params.choices is not None:
+            raise EngineFeatureMissing("structured_outputs.choice")
+        return ["I would say it is unlikely."]
+
+    engine = FakeEngine(letters=_letters, generate=generate)
+    result = _score(engine, "linguistic")
+    assert result.confidence == pytest.approx(0.30)
+    assert result.usage.engine_calls == 3  # the letter read, the refused choice, free text
+    assert result.usage.unparsed == 0
