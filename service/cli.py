@@ -208,7 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--engine-url", default=None, help="vLLM server(s); default: UFCAL_ENGINE_URL or in-process"
     )
-    bench.add_argument("--variants", default="abcd", help="subset of a, b, c, d")
+    bench.add_argument(
+        "--variants", default="abcd", help="subset of a, b, c, d, e (e: b with --skip-mass)"
+    )
+    bench.add_argument(
+        "--skip-mass", type=float, default=0.1, help="the cost bound of variant e (default 0.1)"
+    )
     bench.add_argument("--concurrency", type=int, default=32, help="questions in flight (a-c)")
     bench.add_argument("--samples", type=int, default=10, help="K for c and d")
     bench.add_argument("--out", default="reports/bench.json", help="JSON report path")

@@ -12,7 +12,7 @@ import pytest
 
 from service.bench.naive import naive_uf_sampling
 from service.bench.overhead import InstantEngine
-from service.bench.runner import format_table, ratios, run_engine_variants
+from service.bench.runner import cost_bound_effect, format_table, ratios, run_engine_variants
 from service.calibration.prompts import Prompt, PromptTemplate, Question
 from service.engines.base import GenerationParams
 from service.scoring import ScoreParams, score
@@ -53,14 +53,26 @@ async def test_naive_reference_matches_the_lockstep_scorer() -> None:
 async def test_variants_report_on_an_instant_engine() -> None:
     questions = [Q5, Question("2 + 2?", ("3", "4", "5", "6"))] * 3
     results = await run_engine_variants(
-        InstantEngine(), questions, PromptTemplate(), concurrency=4, samples=10
+        InstantEngine(),
+        questions,
+        PromptTemplate(),
+        variants=("a", "b", "c", "d", "e"),
+        concurrency=4,
+        samples=10,
+        skip_mass=0.1,
     )
-    assert set(results) == {"a", "b", "c", "d"}
+    assert set(results) == {"a", "b", "c", "d", "e"}
     for stats in results.values():
         assert stats.questions == 6 and stats.failed == 0
         assert len(stats.latencies_ms) == 6
     assert results["a"].per_question(results["a"].prompts) == 1
-    assert set(ratios(results)) == {"b/a", "c/a", "b/d", "c/d"}
+    assert set(ratios(results)) == {"b/a", "c/a", "b/d", "c/d", "e/a", "e/b"}
+    # The bound skipped the 0.05 start: fewer prompts, a confidence moved by at most the
+    # skipped share of the start set's mass.
+    assert results["e"].prompts < results["b"].prompts
+    effect = cost_bound_effect(results)
+    assert effect is not None and effect["questions"] == 6
+    assert 0 < effect["max_abs_change"] <= 0.1
     table = format_table(
         {
             "engine": "instant",

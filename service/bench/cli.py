@@ -12,7 +12,15 @@ from typing import Any
 
 from service.config import Settings
 
-from .runner import format_table, load_questions, machine, ratios, run_engine_variants, stats_rows
+from .runner import (
+    cost_bound_effect,
+    format_table,
+    load_questions,
+    machine,
+    ratios,
+    run_engine_variants,
+    stats_rows,
+)
 
 
 async def _engine_part(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
@@ -30,6 +38,7 @@ async def _engine_part(args: argparse.Namespace, settings: Settings) -> dict[str
             variants=list(args.variants),
             concurrency=args.concurrency,
             samples=args.samples,
+            skip_mass=args.skip_mass,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
     finally:
@@ -41,6 +50,8 @@ async def _engine_part(args: argparse.Namespace, settings: Settings) -> dict[str
         "n": len(questions),
         "variants": stats_rows(results),
         "ratios": ratios(results),
+        "skip_mass": args.skip_mass,
+        "cost_bound": cost_bound_effect(results),
     }
 
 

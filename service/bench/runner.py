@@ -23,14 +23,18 @@ from service.scoring import SAMPLE_MAX_TOKENS, ScoreParams, Unscorable, Usage, s
 
 from .naive import naive_uf_sampling
 
-QuestionFn = Callable[[Question], Awaitable[Usage]]
+QuestionFn = Callable[[Question], Awaitable[tuple[Usage, float | None]]]
 
 VARIANTS = {
     "a": "plain answer (1 greedy answer, no confidence)",
     "b": "UF logprobs (lockstep batches)",
     "c": "UF sampling K=10 (lockstep batches)",
     "d": "naive paper-style UF sampling K=10 (sequential)",
+    "e": "UF logprobs with the cost bound (skip_mass)",
 }
+# Warms the engine (first-call set-up, the cached system prompt) without caching any
+# measured question's prefix.
+WARMUP = Question("Which of these is a colour?", ("Blue", "Seven", "Quickly", "Under"))
 
 
 @dataclass
@@ -44,6 +48,7 @@ class VariantStats:
     wall_s: float
     concurrency: int
     latencies_ms: list[float] = field(default_factory=list, repr=False)
+    confidences: dict[int, float] = field(default_factory=dict, repr=False)
     prompts: int = 0
     engine_calls: int = 0
     prompt_tokens: int = 0
@@ -82,18 +87,21 @@ class VariantStats:
         }
 
 
-async def plain_answer(question: Question, engine: Engine, template: PromptTemplate) -> Usage:
+async def plain_answer(
+    question: Question, engine: Engine, template: PromptTemplate
+) -> tuple[Usage, None]:
     """One greedy answer, parsed: what answering costs without any confidence."""
     prompt = render(question, all_options(question), template)
     params = GenerationParams(n=1, temperature=0.0, max_tokens=SAMPLE_MAX_TOKENS)
     generation = (await engine.generate([prompt], [params]))[0]
     parse_answer(generation.texts[0] if generation.texts else "", question.labels)
-    return Usage(
+    usage = Usage(
         engine_calls=1,
         prompts=1,
         prompt_tokens=generation.prompt_tokens,
         completion_tokens=generation.completion_tokens,
     )
+    return usage, None
 
 
 async def run_variant(
@@ -103,22 +111,24 @@ async def run_variant(
     stats = VariantStats(key, VARIANTS[key], len(questions), 0, 0.0, concurrency)
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(question: Question) -> None:
+    async def one(index: int, question: Question) -> None:
         async with gate:
             started = time.perf_counter()
             try:
-                usage = await fn(question)
+                usage, confidence = await fn(question)
             except Unscorable:
                 stats.failed += 1
                 return
             stats.latencies_ms.append((time.perf_counter() - started) * 1000.0)
+            if confidence is not None:
+                stats.confidences[index] = confidence
             stats.prompts += usage.prompts
             stats.engine_calls += usage.engine_calls
             stats.prompt_tokens += usage.prompt_tokens
             stats.completion_tokens += usage.completion_tokens
 
     started = time.perf_counter()
-    await asyncio.gather(*(one(q) for q in questions))
+    await asyncio.gather(*(one(i, q) for i, q in enumerate(questions)))
     stats.wall_s = time.perf_counter() - started
     return stats
 
@@ -131,26 +141,29 @@ async def run_engine_variants(
     variants: Sequence[str] = ("a", "b", "c", "d"),
     concurrency: int = 32,
     samples: int = 10,
+    skip_mass: float = 0.1,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, VariantStats]:
-    """(a) plain, (b) UF logprobs, (c) UF sampling, (d) naive; same engine, same questions."""
+    """(a) plain, (b) UF logprobs, (c) UF sampling, (d) naive, (e) UF logprobs with the
+    cost bound; same engine, same questions."""
 
-    async def uf_mode(mode: str, question: Question) -> Usage:
-        params = ScoreParams(mode=mode, samples=samples)  # type: ignore[arg-type]
-        return (await score(question, engine, params, template)).usage
+    async def uf_mode(mode: str, question: Question, skip: float = 0.0) -> tuple[Usage, float]:
+        params = ScoreParams(mode=mode, samples=samples, skip_mass=skip)  # type: ignore[arg-type]
+        result = await score(question, engine, params, template)
+        return result.usage, result.confidence
 
-    async def naive(question: Question) -> Usage:
-        return (await naive_uf_sampling(question, engine, template, samples=samples)).usage
+    async def naive(question: Question) -> tuple[Usage, float]:
+        result = await naive_uf_sampling(question, engine, template, samples=samples)
+        return result.usage, result.confidence
 
     runners: dict[str, tuple[QuestionFn, int]] = {
         "a": (lambda q: plain_answer(q, engine, template), concurrency),
         "b": (lambda q: uf_mode("logprobs", q), concurrency),
         "c": (lambda q: uf_mode("sampling", q), concurrency),
         "d": (naive, 1),  # one question at a time: the naive reference
+        "e": (lambda q: uf_mode("logprobs", q, skip_mass), concurrency),
     }
-    # Warm the engine (first-call compilation, prefix cache of the shared system prompt)
-    # on questions outside the measured set's answers, so no variant pays it alone.
-    await run_variant("b", questions[:2], runners["b"][0], 2)
+    await run_variant("b", [WARMUP], runners["b"][0], 1)
     results: dict[str, VariantStats] = {}
     for key in variants:
         fn, limit = runners[key]
@@ -160,10 +173,26 @@ async def run_engine_variants(
     return results
 
 
+def cost_bound_effect(results: dict[str, VariantStats]) -> dict[str, float] | None:
+    """How far the cost bound (e) moved each confidence from the exact one (b)."""
+    if "b" not in results or "e" not in results:
+        return None
+    exact, bounded = results["b"].confidences, results["e"].confidences
+    diffs = [abs(exact[i] - bounded[i]) for i in exact.keys() & bounded.keys()]
+    if not diffs:
+        return None
+    return {
+        "questions": len(diffs),
+        "mean_abs_change": round(sum(diffs) / len(diffs), 5),
+        "max_abs_change": round(max(diffs), 5),
+        "unchanged": sum(1 for d in diffs if d == 0),
+    }
+
+
 def ratios(results: dict[str, VariantStats]) -> dict[str, float]:
-    """Throughput ratios b/a, c/a, b/d, c/d (questions per second)."""
+    """Throughput ratios b/a, c/a, b/d, c/d (and e/a, e/b with the cost bound)."""
     out: dict[str, float] = {}
-    for num, den in (("b", "a"), ("c", "a"), ("b", "d"), ("c", "d")):
+    for num, den in (("b", "a"), ("c", "a"), ("b", "d"), ("c", "d"), ("e", "a"), ("e", "b")):
         if num in results and den in results and results[den].qps > 0:
             out[f"{num}/{den}"] = round(results[num].qps / results[den].qps, 3)
     return out
@@ -198,6 +227,14 @@ def format_table(report: dict[str, Any]) -> str:
             f"| {row['prompts_per_q']:.2f} | {row['prompt_tokens_per_q']:.0f} "
             f"| {row['completion_tokens_per_q']:.0f} | {row['failed']} |"
         )
+    if report.get("cost_bound"):
+        effect = report["cost_bound"]
+        lines += [
+            "",
+            f"cost bound (e, skip_mass={report.get('skip_mass')}): confidence changed by "
+            f"{effect['mean_abs_change']:.4f} on average, {effect['max_abs_change']:.4f} at "
+            f"most, unchanged on {effect['unchanged']} of {effect['questions']} questions",
+        ]
     if report.get("ratios"):
         lines += [
             "",
