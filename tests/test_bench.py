@@ -123,3 +123,26 @@ async def test_no_duplicate_prompts_within_a_question() -> None:
     assert len(prompts) == len(set(prompts)) > 1
     shared = prompts[0].split("Options:")[0]
     assert all(p.startswith(shared + "Options:") for p in prompts)
+
+
+class _ResettableInstantEngine(InstantEngine):
+    def __init__(self) -> None:
+        self.resets = 0
+
+    async def reset_prefix_cache(self) -> bool:
+        self.resets += 1
+        return True
+
+
+async def test_every_variant_starts_with_a_cold_prefix_cache() -> None:
+    """The variants ask the same questions: each must not inherit the previous' cache."""
+    engine = _ResettableInstantEngine()
+    results = await run_engine_variants(
+        engine, [Q5] * 2, PromptTemplate(), variants=("a", "b"), concurrency=2
+    )
+    assert engine.resets == 2
+    assert all(stats.summary()["prefix_cache_reset"] for stats in results.values())
+    plain = await run_engine_variants(
+        InstantEngine(), [Q5], PromptTemplate(), variants=("a",), concurrency=1
+    )
+    assert plain["a"].summary()["prefix_cache_reset"] is False

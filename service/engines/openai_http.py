@@ -293,6 +293,18 @@ class OpenAIHTTPEngine:
             await asyncio.gather(*(one(p, q) for p, q in zip(prompts, params, strict=True)))
         )
 
+    async def reset_prefix_cache(self) -> bool:
+        """Empty every server's prefix cache (benchmarks: each variant starts cold). Needs
+        the servers' dev endpoints (``VLLM_SERVER_DEV_MODE=1``); False where refused."""
+        ok = True
+        for base in self._urls:
+            try:
+                response = await self._client.post(base + "/reset_prefix_cache", timeout=30.0)
+            except httpx.HTTPError:
+                return False
+            ok = ok and response.status_code == 200
+        return ok
+
     async def close(self) -> None:
         await self._client.aclose()
 

@@ -215,6 +215,12 @@ class LocalVLLMEngine:
             await asyncio.gather(*(one(p, q) for p, q in zip(prompts, params, strict=True)))
         )
 
+    async def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache (benchmarks: each variant starts cold)."""
+        if self._llm is None:
+            return False
+        return bool(await self._llm.reset_prefix_cache())
+
     async def close(self) -> None:
         if self._llm is not None:
             llm, self._llm = self._llm, None
