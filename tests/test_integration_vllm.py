@@ -20,6 +20,7 @@ from service.engines.openai_http import OpenAIHTTPEngine
 from service.scoring import ScoreParams, score
 from tests.conftest import load_questions
 from tests.servers import EMBEDDED_NAME, ServerProcess
+from tests.test_api import RESPONSE_FIELDS, USAGE_FIELDS
 
 pytestmark = pytest.mark.integration
 
@@ -194,18 +195,5 @@ def test_http_contract_end_to_end(ufcal_remote: ServerProcess) -> None:
         assert good.status_code == 200
         body = good.json()
         assert body["id"] == "sum"
-        assert set(body) >= {
-            "id",
-            "answer",
-            "confidence",
-            "uncertainty",
-            "distribution",
-            "fidelity",
-            "chains",
-            "method",
-            "mode",
-            "model",
-            "usage",
-            "latency_ms",
-        }
-        assert set(body["usage"]) >= {"engine_calls", "prompts", "unparsed"}
+        assert set(body) >= RESPONSE_FIELDS
+        assert set(body["usage"]) >= USAGE_FIELDS

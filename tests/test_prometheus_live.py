@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import signal
-import socket
 import sys
 import time
 import warnings
@@ -25,30 +23,16 @@ import httpx
 import pytest
 import yaml
 
-from tests.servers import ServerProcess
+from tests.servers import ServerProcess, free_port_in
 
 UFCAL_PORTS = range(8400, 8500)
 PROMETHEUS_PORTS = range(9090, 9100)
 START_TIMEOUT_S = 60.0
 
 
-def pick_port(ports: range) -> int:
-    """A free loopback port from ``ports``."""
-    candidates = list(ports)
-    random.shuffle(candidates)
-    for port in candidates:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
-
-
 def fake_ufcal(log_dir: Path, name: str, db: Path, **env: str) -> ServerProcess:
     """``ufcal serve`` with the fake engine on a port of 8400-8499."""
-    port = pick_port(UFCAL_PORTS)
+    port = free_port_in(UFCAL_PORTS.start, UFCAL_PORTS.stop)
     argv = [sys.executable, "-m", "tests.fake_app", "--port", str(port)]
     settings = {"UFCAL_DB_PATH": str(db), "UFCAL_LOG_LEVEL": "info", **env}
     return ServerProcess(name, argv, settings, port, log_dir)
@@ -110,7 +94,7 @@ def prometheus_bin() -> str:
 
 def prometheus_server(binary: str, target: str, workdir: Path) -> ServerProcess:
     """A Prometheus scraping ``target`` (host:port) every second, on a port of 9090-9099."""
-    port = pick_port(PROMETHEUS_PORTS)
+    port = free_port_in(PROMETHEUS_PORTS.start, PROMETHEUS_PORTS.stop)
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [
