@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import platform
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +18,7 @@ from service.calibration.prompts import (
     render,
 )
 from service.engines.base import Engine, GenerationParams
+from service.evaluation.data import load_mcqa
 from service.scoring import SAMPLE_MAX_TOKENS, ScoreParams, Unscorable, Usage, score
 
 from .naive import naive_uf_sampling
@@ -281,13 +281,4 @@ def stats_rows(results: dict[str, VariantStats]) -> list[dict[str, Any]]:
 
 def load_questions(path: Path, n: int) -> list[Question]:
     """The first ``n`` questions of an MCQA JSONL file (the shared data format)."""
-    questions: list[Question] = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            questions.append(Question(str(row["question"]), tuple(map(str, row["options"]))))
-            if len(questions) >= n:
-                break
-    return questions
+    return [Question(item.question, item.options) for item in load_mcqa(path)[:n]]

@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from service.calibration.prompts import Prompt
+from service.calibration.prompts import Prompt, letter_forms
 from service.engines.base import (
     EngineError,
     EngineFeatureMissing,
@@ -194,7 +194,7 @@ class OpenAIHTTPEngine:
         if missing:
             encoded: dict[str, list[int]] = {}
             for label in missing:
-                for form in (label, f" {label}"):
+                for form in letter_forms(label):
                     try:
                         body = await self._post(
                             "/tokenize",
