@@ -93,10 +93,14 @@ def _value(x: float | None) -> float:
     return math.nan if x is None else float(x)
 
 
+_Labelled = Counter | Gauge | Histogram
+
+
 class Telemetry:
     """The service's Prometheus metrics, in a registry of their own."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         # prometheus-client appends ``_total`` to counter names itself.
@@ -210,21 +214,31 @@ class Telemetry:
         unparsed: int | bool = 0,
     ) -> None:
         """Record one scored question (a successful or partially parsed request)."""
-        self.requests.labels(method, mode, str(status)).inc()
-        self.request_duration.labels(method, mode).observe(duration_s)
-        self.engine_calls.labels(method, mode).observe(engine_calls)
-        self.engine_prompts.labels(method, mode).observe(prompts)
+        child = self._child
+        child(self.requests, method, mode, str(status)).inc()
+        child(self.request_duration, method, mode).observe(duration_s)
+        child(self.engine_calls, method, mode).observe(engine_calls)
+        child(self.engine_prompts, method, mode).observe(prompts)
         if confidence is not None:
-            self.confidence.labels(method, mode).observe(confidence)
+            child(self.confidence, method, mode).observe(confidence)
         if uncertainty is not None:
-            self.uncertainty.labels(method, mode).observe(uncertainty)
+            child(self.uncertainty, method, mode).observe(uncertainty)
         if unparsed:
-            self.unparsed.labels(method, mode).inc(int(unparsed))
+            child(self.unparsed, method, mode).inc(int(unparsed))
 
     def observe_error(self, method: str, mode: str, status: int | str, duration_s: float) -> None:
         """Record a request that failed (validation error, engine failure, ...)."""
-        self.requests.labels(method, mode, str(status)).inc()
-        self.request_duration.labels(method, mode).observe(duration_s)
+        self._child(self.requests, method, mode, str(status)).inc()
+        self._child(self.request_duration, method, mode).observe(duration_s)
+
+    def _child(self, metric: _Labelled, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: ``labels()`` takes a lock and builds a key
+        on every call, and it was the largest metrics item of the /score profile."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def observe_unparsed(self, method: str, mode: str, n: int = 1) -> None:
         """Count ``n`` model replies that could not be parsed."""

@@ -126,3 +126,14 @@ def test_openapi_declares_the_bearer_scheme() -> None:
         assert "401" not in paths[open_path]["get"]["responses"]
     protected = create_app(_settings(metrics_auth=True), engine=white_box()).openapi()
     assert protected["paths"]["/metrics"]["get"]["security"] == [{SCHEME_NAME: []}]
+
+
+async def test_api_docs_stay_open_and_unknown_paths_need_a_key() -> None:
+    async with serve(white_box(), _settings(api_keys=KEYS)) as client:
+        schema = await client.get("/openapi.json")
+        docs = await client.get("/docs")
+        unknown = await client.get("/no-such-path")
+        unknown_with_key = await client.get("/no-such-path", headers=SECOND)
+    assert (schema.status_code, docs.status_code) == (200, 200)
+    assert unknown.status_code == 401
+    assert unknown_with_key.status_code == 404

@@ -105,14 +105,15 @@ class Admission:
         """``work()`` in ``cost`` slots, queueing included in the deadline ``timeout_s``.
         On the deadline the work is cancelled (and with it the engine calls it made)."""
 
-        async def admitted() -> T:
-            async with self.slot(cost):
-                return await work()
-
+        # asyncio.timeout, unlike wait_for, runs the work in this task (no task per request)
+        deadline = asyncio.timeout(timeout_s)
         try:
-            return await asyncio.wait_for(admitted(), timeout_s)
-        except asyncio.TimeoutError as exc:
-            raise DeadlineExceeded(timeout_s) from exc
+            async with deadline, self.slot(cost):
+                return await work()
+        except TimeoutError as exc:
+            if deadline.expired():
+                raise DeadlineExceeded(timeout_s) from exc
+            raise
 
     def _release(self, need: int) -> None:
         self.in_use -= need

@@ -1,29 +1,26 @@
 """Optional API keys: ``Authorization: Bearer <key>`` on every endpoint but the health
 probes (and ``/metrics`` unless ``UFCAL_METRICS_AUTH``).
 
-Secure by default: the check is an app-wide dependency, so an endpoint added later is
-protected without anyone remembering to protect it. Keys are compared in constant time and
-never logged."""
+Secure by default: the check is an ASGI middleware in front of every route, so an endpoint
+added later is protected without anyone remembering to protect it (and it costs nothing
+when no key is configured: the middleware is not installed). Keys are compared in constant
+time and never logged."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 SCHEME_NAME = "bearerAuth"
+SCHEME_DESCRIPTION = "An API key from UFCAL_API_KEYS (only when that is set)."
 ALWAYS_OPEN = frozenset({"/healthz", "/readyz"})
-CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ufcal"'}
-
-bearer = HTTPBearer(
-    auto_error=False,
-    scheme_name=SCHEME_NAME,
-    description="An API key from UFCAL_API_KEYS (only when that is set).",
-)
+CHALLENGE = (b"www-authenticate", b'Bearer realm="ufcal"')
 
 
 class ApiKeys:
@@ -54,27 +51,54 @@ def open_paths(metrics_auth: bool) -> frozenset[str]:
     return ALWAYS_OPEN if metrics_auth else ALWAYS_OPEN | {"/metrics"}
 
 
-def unauthorized(detail: str) -> HTTPException:
-    return HTTPException(status_code=401, detail=detail, headers=CHALLENGE)
+def bearer_token(scope: Scope) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (scheme case-insensitive)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            header: str = value.decode("latin-1")
+            scheme, _, token = header.partition(" ")
+            token = token.strip()
+            return token if scheme.lower() == "bearer" and token else None
+    return None
 
 
-async def require_api_key(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> None:
-    """App-wide dependency: 401 with a Bearer challenge when keys are configured and the
-    request lacks a valid one (the open paths excepted)."""
-    keys: ApiKeys = request.app.state.api_keys
-    if not keys.enabled:
-        return
-    route = request.scope.get("route")
-    path = getattr(route, "path", request.url.path)
-    if path in request.app.state.open_paths:
-        return
-    if credentials is None:
-        raise unauthorized("missing API key: send Authorization: Bearer <key>")
-    if not keys.accepts(credentials.credentials):
-        raise unauthorized("invalid API key")
+class ApiKeyAuth:
+    """401 with a Bearer challenge for an HTTP request without a valid key, unless its path
+    is one of ``public``."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys, public: frozenset[str]) -> None:
+        self.app = app
+        self.keys = keys
+        self.public = public
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._path(scope) in self.public:
+            await self.app(scope, receive, send)
+            return
+        token = bearer_token(scope)
+        if token is None:
+            await _send_401(send, "missing API key: send Authorization: Bearer <key>")
+        elif not self.keys.accepts(token):
+            await _send_401(send, "invalid API key")
+        else:
+            await self.app(scope, receive, send)
+
+    @staticmethod
+    def _path(scope: Scope) -> str:
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        return path[len(root) :] if root and path.startswith(root) else path
+
+
+async def _send_401(send: Send, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        CHALLENGE,
+    ]
+    await send({"type": "http.response.start", "status": 401, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 _ERROR_SCHEMA = {
@@ -93,6 +117,12 @@ def document_security(app: FastAPI, public: frozenset[str]) -> None:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = build()
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes[SCHEME_NAME] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": SCHEME_DESCRIPTION,
+        }
         for path, operations in schema.get("paths", {}).items():
             for operation in operations.values():
                 if not isinstance(operation, dict):

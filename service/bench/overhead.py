@@ -71,10 +71,21 @@ class InstantEngine:
 
 
 def instant_app() -> FastAPI:
-    """uvicorn factory: the real app over the instant engine."""
+    """The real app over the instant engine."""
     from service.api.app import create_app
 
     return create_app(Settings(), engine=InstantEngine())
+
+
+def serve_instant(port: int) -> int:
+    """Serve ``instant_app`` the way ``ufcal serve`` serves the real one: the same uvicorn
+    set-up and the same JSON log lines (configured level, access log included)."""
+    from service.cli import run_server
+    from service.telemetry import configure_logging
+
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return run_server(instant_app(), settings, "127.0.0.1", port)
 
 
 def _free_port() -> int:
@@ -85,26 +96,19 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def instant_server() -> Any:
-    """Run ``instant_app`` under uvicorn in a subprocess; yield its base URL."""
+    """Run ``serve_instant`` in a subprocess; yield its base URL."""
     port = _free_port()
     # A throwaway database: the store's writes are part of the overhead, its rows are not
     # worth keeping.
     db_dir = tempfile.mkdtemp(prefix="ufcal-bench-")
-    env = {
-        **os.environ,
-        "UFCAL_LOG_LEVEL": "warning",
-        "UFCAL_DB_PATH": os.path.join(db_dir, "bench.db"),
-    }
+    env = {**os.environ, "UFCAL_DB_PATH": os.path.join(db_dir, "bench.db")}
+    # The log lines are formatted and written as in production, then dropped.
     process = subprocess.Popen(
-        [
-            sys.executable, "-m", "uvicorn", "--factory", "service.bench.overhead:instant_app",
-            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-            "--no-access-log",
-        ],
+        [sys.executable, "-m", "service.bench.overhead", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -171,3 +175,7 @@ def measure_overhead(
     with instant_server() as url:
         asyncio.run(load(url, 8, 200))  # warm-up
         return [asyncio.run(load(url, c, requests)) for c in concurrencies]
+
+
+if __name__ == "__main__":
+    sys.exit(serve_instant(int(sys.argv[1])))

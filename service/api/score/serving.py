@@ -125,26 +125,27 @@ async def score_request(state: AppState, body: ScoreRequest) -> ScoreResponse | 
         result.uncertainty,
         usage.unparsed,
     )
-    log.info(
-        "scored",
-        extra={
-            "fields": score_log_fields(
-                request_id=request_id,
-                model=result.model,
-                method=result.method,
-                mode=result.mode,
-                answer=response.answer.label,
-                confidence=result.confidence,
-                uncertainty=result.uncertainty,
-                engine_calls=usage.engine_calls,
-                latency_ms=response.latency_ms,
-                status=200,
-                log_text=state.settings.log_text,
-                question=body.question,
-                options=body.options,
-            )
-        },
-    )
+    if log.isEnabledFor(logging.INFO):  # the fields cost more than the check
+        log.info(
+            "scored",
+            extra={
+                "fields": score_log_fields(
+                    request_id=request_id,
+                    model=result.model,
+                    method=result.method,
+                    mode=result.mode,
+                    answer=response.answer.label,
+                    confidence=result.confidence,
+                    uncertainty=result.uncertainty,
+                    engine_calls=usage.engine_calls,
+                    latency_ms=response.latency_ms,
+                    status=200,
+                    log_text=state.settings.log_text,
+                    question=body.question,
+                    options=body.options,
+                )
+            },
+        )
     return response
 
 
