@@ -94,9 +94,21 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def split_cores() -> tuple[set[int], set[int]] | None:
+    """(server cores, client cores) on a machine with at least two usable cores: the
+    server gets one core and the load generator the others, so that the client's CPU is
+    not taken from the service being measured (as when the client runs elsewhere)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    return {cores[0]}, set(cores[1:])
+
+
 @contextlib.contextmanager
-def instant_server() -> Any:
-    """Run ``serve_instant`` in a subprocess; yield its base URL."""
+def instant_server(cores: set[int] | None = None) -> Any:
+    """Run ``serve_instant`` in a subprocess (on ``cores`` if given); yield its base URL."""
     port = _free_port()
     # A throwaway database: the store's writes are part of the overhead, its rows are not
     # worth keeping.
@@ -106,6 +118,8 @@ def instant_server() -> Any:
     process = subprocess.Popen(
         [sys.executable, "-m", "service.bench.overhead", str(port)],
         env=env,
+        # set before exec, so that every thread of the server inherits it
+        preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -171,10 +185,23 @@ async def load(url: str, concurrency: int, requests: int) -> dict[str, Any]:
 def measure_overhead(
     concurrencies: Sequence[int] = (1, 8, 64), requests: int = 2000
 ) -> list[dict[str, Any]]:
-    """The overhead table: one row per concurrency."""
-    with instant_server() as url:
-        asyncio.run(load(url, 8, 200))  # warm-up
-        return [asyncio.run(load(url, c, requests)) for c in concurrencies]
+    """The overhead table: one row per concurrency (server and client on separate cores
+    where the machine has two or more)."""
+    split = split_cores()
+    with instant_server(split[0] if split else None) as url:
+        mine = os.sched_getaffinity(0) if split else None
+        if split:
+            os.sched_setaffinity(0, split[1])
+        try:
+            asyncio.run(load(url, 8, 200))  # warm-up
+            rows = [asyncio.run(load(url, c, requests)) for c in concurrencies]
+        finally:
+            if mine is not None:
+                os.sched_setaffinity(0, mine)
+    for row in rows:
+        row["server_cores"] = sorted(split[0]) if split else "shared"
+        row["client_cores"] = sorted(split[1]) if split else "shared"
+    return rows
 
 
 if __name__ == "__main__":
