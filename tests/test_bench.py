@@ -12,9 +12,15 @@ import pytest
 
 from service.bench.naive import naive_uf_sampling
 from service.bench.overhead import InstantEngine
-from service.bench.runner import cost_bound_effect, format_table, ratios, run_engine_variants
+from service.bench.runner import (
+    cost_bound_effect,
+    format_table,
+    prefill_bound,
+    ratios,
+    run_engine_variants,
+)
 from service.calibration.prompts import Prompt, PromptTemplate, Question
-from service.engines.base import GenerationParams
+from service.engines.base import Generation, GenerationParams, LetterRead
 from service.scoring import ScoreParams, score
 from tests.fakes import FakeEngine, chain_script_generate, parse_prompt
 from tests.servers import ROOT, SHARED_DATA, ServerProcess
@@ -109,6 +115,17 @@ def test_bench_short_run_on_the_real_engine(vllm: ServerProcess, tmp_path: Path)
     assert rows["a"]["prompts_per_q"] == 1
     assert rows["b"]["prompts_per_q"] > 1
     assert set(report["ratios"]) == {"b/a", "c/a", "b/d", "c/d"}
+    # vLLM's own counters: what was prefilled and what the prefix cache served. (In c, vLLM
+    # counts the prompt of each of the n = 10 samples, nine of them served by the cache.)
+    for key in "abcd":
+        assert rows[key]["computed_prompt_tokens_per_q"] > 0
+    for key in "abd":
+        computed_and_cached = (
+            rows[key]["computed_prompt_tokens_per_q"] + rows[key]["cached_prompt_tokens_per_q"]
+        )
+        assert computed_and_cached == pytest.approx(rows[key]["prompt_tokens_per_q"], abs=1)
+    assert rows["b"]["cached_prompt_tokens_per_q"] > 0  # the chains reuse the question
+    assert set(report["prefill_bound"]) == {"b/a", "c/a"}
     assert [row["concurrency"] for row in report["overhead"]] == [1, 8, 64]
     assert all(row["errors"] == 0 for row in report["overhead"])
     assert "throughput ratios" in done.stdout
@@ -146,3 +163,41 @@ async def test_every_variant_starts_with_a_cold_prefix_cache() -> None:
         InstantEngine(), [Q5], PromptTemplate(), variants=("a",), concurrency=1
     )
     assert plain["a"].summary()["prefix_cache_reset"] is False
+
+
+class _CountingInstantEngine(InstantEngine):
+    """Exports prompt-token counters like vLLM's /metrics: half computed, half cached."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+
+    async def read_letters(
+        self, prompts: Sequence[Prompt], labels: Sequence[Sequence[str]]
+    ) -> list[LetterRead]:
+        reads = await super().read_letters(prompts, labels)
+        self.tokens += sum(r.prompt_tokens for r in reads)
+        return reads
+
+    async def generate(
+        self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]
+    ) -> list[Generation]:
+        generations = await super().generate(prompts, params)
+        self.tokens += sum(g.prompt_tokens for g in generations)
+        return generations
+
+    async def prompt_token_counters(self) -> dict[str, float]:
+        return {"computed": self.tokens / 2, "cached": self.tokens / 2}
+
+
+async def test_engine_token_counters_give_the_prefill_bound() -> None:
+    """Computed prompt tokens per question come from the engine's counters, per variant,
+    and a/b of them is the throughput ratio a prefill-bound engine allows."""
+    results = await run_engine_variants(
+        _CountingInstantEngine(), [Q5] * 4, PromptTemplate(), variants=("a", "b"), concurrency=2
+    )
+    a, b = results["a"], results["b"]
+    assert a.computed_prompt_tokens == a.prompt_tokens / 2
+    assert b.computed_prompt_tokens == b.prompt_tokens / 2
+    assert a.summary()["computed_prompt_tokens_per_q"] == a.prompt_tokens / 2 / 4
+    expected = a.per_question(a.prompt_tokens) / b.per_question(b.prompt_tokens)
+    assert prefill_bound(results) == {"b/a": pytest.approx(expected, abs=1e-3)}

@@ -17,6 +17,7 @@ from .runner import (
     format_table,
     load_questions,
     machine,
+    prefill_bound,
     ratios,
     run_engine_variants,
     stats_rows,
@@ -50,6 +51,7 @@ async def _engine_part(args: argparse.Namespace, settings: Settings) -> dict[str
         "n": len(questions),
         "variants": stats_rows(results),
         "ratios": ratios(results),
+        "prefill_bound": prefill_bound(results),
         "skip_mass": args.skip_mass,
         "cost_bound": cost_bound_effect(results),
     }

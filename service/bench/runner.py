@@ -54,6 +54,9 @@ class VariantStats:
     engine_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # From the engine's own counters (vLLM /metrics), when it exports them.
+    computed_prompt_tokens: float | None = None
+    cached_prompt_tokens: float | None = None
 
     @property
     def qps(self) -> float:
@@ -85,8 +88,13 @@ class VariantStats:
             "prompts_per_q": round(self.per_question(self.prompts), 2),
             "prompt_tokens_per_q": round(self.per_question(self.prompt_tokens), 1),
             "completion_tokens_per_q": round(self.per_question(self.completion_tokens), 1),
+            "computed_prompt_tokens_per_q": self._engine_count(self.computed_prompt_tokens),
+            "cached_prompt_tokens_per_q": self._engine_count(self.cached_prompt_tokens),
             "prefix_cache_reset": self.prefix_cache_reset,
         }
+
+    def _engine_count(self, total: float | None) -> float | None:
+        return None if total is None else round(self.per_question(int(total)), 1)
 
 
 async def plain_answer(
@@ -115,6 +123,18 @@ async def reset_prefix_cache(engine: Engine) -> bool:
         return bool(await reset())
     except Exception:  # a benchmark aid, never a reason to fail the run
         return False
+
+
+async def prompt_token_counters(engine: Engine) -> dict[str, float] | None:
+    """The engine's running totals of computed and cached prompt tokens, where it has them."""
+    read = getattr(engine, "prompt_token_counters", None)
+    if read is None:
+        return None
+    try:
+        counters: dict[str, float] | None = await read()
+    except Exception:  # a benchmark aid, never a reason to fail the run
+        return None
+    return counters
 
 
 async def run_variant(
@@ -184,8 +204,13 @@ async def run_engine_variants(
         # previous variants' prompts in vLLM's prefix cache and look cheaper than it is.
         cold = await reset_prefix_cache(engine)
         progress(f"variant {key}: {VARIANTS[key]} (prefix cache reset: {cold}) ...")
+        before = await prompt_token_counters(engine)
         results[key] = await run_variant(key, questions, fn, limit)
         results[key].prefix_cache_reset = cold
+        after = await prompt_token_counters(engine)
+        if before is not None and after is not None:
+            results[key].computed_prompt_tokens = after["computed"] - before["computed"]
+            results[key].cached_prompt_tokens = after["cached"] - before["cached"]
         progress(f"variant {key}: {results[key].qps:.2f} questions/s")
     return results
 
@@ -204,6 +229,24 @@ def cost_bound_effect(results: dict[str, VariantStats]) -> dict[str, float] | No
         "max_abs_change": round(max(diffs), 5),
         "unchanged": sum(1 for d in diffs if d == 0),
     }
+
+
+def prefill_bound(results: dict[str, VariantStats]) -> dict[str, float]:
+    """Computed prompt tokens per question of a over those of b, c, e: the throughput ratio
+    b/a (c/a, e/a) that an engine bound by prefill compute would allow."""
+    out: dict[str, float] = {}
+    base = results.get("a")
+    if base is None or base.computed_prompt_tokens is None:
+        return out
+    plain = base.per_question(int(base.computed_prompt_tokens))
+    for key in ("b", "c", "e"):
+        stats = results.get(key)
+        if stats is None or stats.computed_prompt_tokens is None:
+            continue
+        tokens = stats.per_question(int(stats.computed_prompt_tokens))
+        if tokens > 0:
+            out[f"{key}/a"] = round(plain / tokens, 3)
+    return out
 
 
 def ratios(results: dict[str, VariantStats]) -> dict[str, float]:
@@ -234,14 +277,16 @@ def format_table(report: dict[str, Any]) -> str:
         f"({report['dataset']})",
         "",
         "| variant | q/s | p50 ms | p99 ms | calls/q | prompts/q | prompt tok/q "
-        "| completion tok/q | failed | cold cache |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| computed tok/q | completion tok/q | failed | cold cache |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in report["variants"]:
+        computed = row.get("computed_prompt_tokens_per_q")
         lines.append(
             f"| {row['variant']}: {row['name']} | {row['questions_per_s']:.2f} "
             f"| {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['engine_calls_per_q']:.2f} "
             f"| {row['prompts_per_q']:.2f} | {row['prompt_tokens_per_q']:.0f} "
+            f"| {'-' if computed is None else f'{computed:.0f}'} "
             f"| {row['completion_tokens_per_q']:.0f} | {row['failed']} "
             f"| {'yes' if row.get('prefix_cache_reset') else 'no'} |"
         )
@@ -258,6 +303,13 @@ def format_table(report: dict[str, Any]) -> str:
             "",
             "throughput ratios: "
             + ", ".join(f"{k} = {v:.2f}" for k, v in report["ratios"].items()),
+        ]
+    if report.get("prefill_bound"):
+        lines += [
+            "",
+            "computed prompt tokens per question of a over those of each variant (the "
+            "throughput ratio a prefill-bound engine allows): "
+            + ", ".join(f"{k} = {v:.2f}" for k, v in report["prefill_bound"].items()),
         ]
     overhead = report.get("overhead")
     if overhead:

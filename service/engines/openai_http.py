@@ -305,6 +305,34 @@ class OpenAIHTTPEngine:
             ok = ok and response.status_code == 200
         return ok
 
+    async def prompt_token_counters(self) -> dict[str, float] | None:
+        """vLLM's running totals of prompt tokens by where they came from, summed over the
+        servers: ``computed`` (prefilled) and ``cached`` (served by the prefix cache). For
+        benchmarks; None when a server does not export them."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        totals = {"computed": 0.0, "cached": 0.0}
+        sources = {"local_compute": "computed", "local_cache_hit": "cached"}
+        for base in self._urls:
+            try:
+                response = await self._client.get(base + "/metrics", timeout=30.0)
+            except httpx.HTTPError:
+                return None
+            if response.status_code != 200:
+                return None
+            found = False
+            for family in text_string_to_metric_families(response.text):
+                if family.name != "vllm:prompt_tokens_by_source":
+                    continue
+                for sample in family.samples:
+                    key = sources.get(sample.labels.get("source", ""))
+                    if key and sample.name.endswith("_total"):
+                        totals[key] += sample.value
+                        found = True
+            if not found:
+                return None
+        return totals
+
     async def close(self) -> None:
         await self._client.aclose()
 
