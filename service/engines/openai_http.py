@@ -43,6 +43,8 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 _TOKEN_ID_PREFIX = "token_id:"
 _RETRY_STATUS = frozenset({502, 503, 504})
+#: Idle connections are dropped before uvicorn's own 5 s keep-alive timeout closes them.
+KEEPALIVE_EXPIRY_S = 2.0
 # Connection-level failures: the server is gone, restarting or dropped the connection.
 _RETRYABLE = (
     httpx.ConnectError,
@@ -81,7 +83,11 @@ class OpenAIHTTPEngine:
             headers=headers,
             timeout=httpx.Timeout(timeout_s, connect=5.0),
             limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                # vLLM's uvicorn closes a connection idle for 5 s; reusing one that old
+                # races with that close (RemoteProtocolError) and marked the server down.
+                keepalive_expiry=KEEPALIVE_EXPIRY_S,
             ),
         )
         self._letter_ids: dict[str, list[int]] = {}
