@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.calibration.metrics import calibration_report
 from service.config import Settings
-from service.store import ScoreRecord, Store, live_calibration
+from service.store import ScoreConflict, ScoreRecord, Store, live_calibration
 from service.telemetry import bin_label
 from tests.fake_app import build_app
 
@@ -429,3 +429,52 @@ async def test_feedback_commits_fsync_and_scores_do_not(tmp_path: Path) -> None:
         await store.close()
     full, normal = 2, 1
     assert seen == [(normal, [False]), (full, [True]), (normal, [False])]
+
+
+def _score(score_id: str, confidence: float = 0.5) -> ScoreRecord:
+    return ScoreRecord(score_id, "m", "uf", "logprobs", 0, confidence, 0.5, 4, 0.0)
+
+
+async def test_scores_saved_together_are_one_writer_job_and_conflicts_stay_per_score(
+    tmp_path: Path,
+) -> None:
+    """Scores saved in one loop turn reach the writer as one job; an id that already has
+    feedback is refused alone, the others are stored (a repeated id: the last one wins)."""
+    jobs: list[int] = []
+
+    class SpyStore(Store):
+        def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+            jobs.append(len(batch))
+            super()._run_batch(conn, batch)
+
+    path = tmp_path / "s.db"
+    store = await SpyStore.open(path)
+    try:
+        await store.save_score(_score("judged"))
+        await store.add_feedback("judged", correct=True)
+        jobs.clear()
+        outcomes = await asyncio.gather(
+            *(store.save_score(_score(f"q{i}")) for i in range(50)),
+            store.save_score(_score("judged", 0.9)),
+            store.save_score(_score("q7", 0.25)),
+            return_exceptions=True,
+        )
+    finally:
+        await store.close()
+    assert jobs == [1]
+    assert outcomes[:50] == [None] * 50 and outcomes[51] is None
+    assert isinstance(outcomes[50], ScoreConflict)
+    with sqlite3.connect(path) as conn:
+        rows = dict(conn.execute("SELECT id, confidence FROM scores").fetchall())
+    assert len(rows) == 51 and rows["judged"] == 0.5 and rows["q7"] == 0.25
+
+
+async def test_scores_pending_at_close_are_written(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = await Store.open(path)
+    saving = [asyncio.ensure_future(store.save_score(_score(f"q{i}"))) for i in range(5)]
+    await asyncio.sleep(0)  # the saves are queued, not yet handed to the writer
+    await store.close()
+    assert [s.result() for s in saving] == [None] * 5
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0] == 5
