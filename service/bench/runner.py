@@ -17,7 +17,12 @@ from service.calibration.prompts import (
     parse_answer,
     render,
 )
-from service.engines.base import Engine, GenerationParams
+from service.engines.base import (
+    Engine,
+    GenerationParams,
+    PrefixCacheReset,
+    PromptTokenCounters,
+)
 from service.evaluation.data import load_mcqa
 from service.scoring import SAMPLE_MAX_TOKENS, ScoreParams, Unscorable, Usage, score
 
@@ -116,25 +121,22 @@ async def plain_answer(
 
 async def reset_prefix_cache(engine: Engine) -> bool:
     """Empty the engine's prefix cache where the adapter can (True when it did)."""
-    reset = getattr(engine, "reset_prefix_cache", None)
-    if reset is None:
+    if not isinstance(engine, PrefixCacheReset):
         return False
     try:
-        return bool(await reset())
+        return bool(await engine.reset_prefix_cache())
     except Exception:  # a benchmark aid, never a reason to fail the run
         return False
 
 
 async def prompt_token_counters(engine: Engine) -> dict[str, float] | None:
     """The engine's running totals of computed and cached prompt tokens, where it has them."""
-    read = getattr(engine, "prompt_token_counters", None)
-    if read is None:
+    if not isinstance(engine, PromptTokenCounters):
         return None
     try:
-        counters: dict[str, float] | None = await read()
+        return await engine.prompt_token_counters()
     except Exception:  # a benchmark aid, never a reason to fail the run
         return None
-    return counters
 
 
 async def run_variant(

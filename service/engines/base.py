@@ -97,3 +97,22 @@ class Engine(Protocol):
 
     async def close(self) -> None:
         """Release the engine."""
+
+
+@runtime_checkable
+class PrefixCacheReset(Protocol):
+    """An engine whose prefix cache can be emptied (benchmarks: every variant starts cold)."""
+
+    async def reset_prefix_cache(self) -> bool:
+        """Empty the cache; False where the engine refused."""
+        ...
+
+
+@runtime_checkable
+class PromptTokenCounters(Protocol):
+    """An engine that reports running totals of the prompt tokens it computed and those its
+    prefix cache served (benchmarks: where the time goes)."""
+
+    async def prompt_token_counters(self) -> dict[str, float] | None:
+        """``{"computed": ..., "cached": ...}`` so far, or None when unavailable."""
+        ...
