@@ -31,6 +31,7 @@ __all__ = [
     "CalibrationReport",
     "JsonFormatter",
     "ReliabilityBin",
+    "ScoredAccessFilter",
     "Telemetry",
     "bin_label",
     "configure_logging",

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.telemetry import (
     CONFIDENCE_BUCKETS,
     JsonFormatter,
+    ScoredAccessFilter,
     Telemetry,
     bin_label,
     configure_logging,
@@ -320,3 +321,20 @@ def test_configure_logging_writes_json_to_stdout(monkeypatch: pytest.MonkeyPatch
         for h in saved_handlers:
             root.addHandler(h)
         root.setLevel(saved_level)
+
+
+def test_access_line_of_a_successful_score_is_dropped_the_others_kept() -> None:
+    """The "scored" line covers a 200 /score; every other access line stays."""
+    keep = ScoredAccessFilter()
+
+    def access(method: str, path: str, status: int) -> logging.LogRecord:
+        return logging.LogRecord(
+            "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+            ("127.0.0.1:5000", method, path, "1.1", status), None,
+        )  # fmt: skip
+
+    assert not keep.filter(access("POST", "/score", 200))
+    assert keep.filter(access("POST", "/score", 422))
+    assert keep.filter(access("POST", "/score/batch", 200))
+    assert keep.filter(access("POST", "/feedback", 200))
+    assert keep.filter(access("GET", "/metrics", 200))
