@@ -5,12 +5,13 @@ Every refusal names the limit and the setting that raises it."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.score.protocol import ScoreRequest
@@ -41,7 +42,7 @@ class BodySizeLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await _send_413(send, self.max_bytes)
+            await _send_413(scope, receive, send, self.max_bytes)
             return
         received = 0
         started = False
@@ -66,33 +67,23 @@ class BodySizeLimit:
         except BodyTooLarge:
             if started:
                 raise
-            await _send_413(send, self.max_bytes)
+            await _send_413(scope, receive, send, self.max_bytes)
 
 
 def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+    try:
+        return int(Headers(scope=scope)["content-length"])
+    except (KeyError, ValueError):
+        return None
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = json.dumps({"detail": BodyTooLarge(limit).detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),  # the rest of the body is never read
-            ],
-        }
+async def _send_413(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    reply = JSONResponse(
+        {"detail": BodyTooLarge(limit).detail},
+        status_code=413,
+        headers={"connection": "close"},  # the rest of the body is never read
     )
-    await send({"type": "http.response.body", "body": body})
+    await reply(scope, receive, send)
 
 
 def _issue(loc: tuple[str | int, ...], msg: str, value: Any) -> dict[str, Any]:

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 SCHEME_NAME = "bearerAuth"
 SCHEME_DESCRIPTION = "An API key from UFCAL_API_KEYS (only when that is set)."
 ALWAYS_OPEN = frozenset({"/healthz", "/readyz"})
-CHALLENGE = (b"www-authenticate", b'Bearer realm="ufcal"')
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="ufcal"'}
 
 
 class ApiKeys:
@@ -53,13 +54,9 @@ def open_paths(metrics_auth: bool) -> frozenset[str]:
 
 def bearer_token(scope: Scope) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header (scheme case-insensitive)."""
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            header: str = value.decode("latin-1")
-            scheme, _, token = header.partition(" ")
-            token = token.strip()
-            return token if scheme.lower() == "bearer" and token else None
-    return None
+    scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
 class ApiKeyAuth:
@@ -76,29 +73,19 @@ class ApiKeyAuth:
             await self.app(scope, receive, send)
             return
         token = bearer_token(scope)
-        if token is None:
-            await _send_401(send, "missing API key: send Authorization: Bearer <key>")
-        elif not self.keys.accepts(token):
-            await _send_401(send, "invalid API key")
-        else:
+        if token is not None and self.keys.accepts(token):
             await self.app(scope, receive, send)
+            return
+        detail = "invalid API key" if token else "missing API key: send Authorization: Bearer <key>"
+        await JSONResponse({"detail": detail}, status_code=401, headers=CHALLENGE)(
+            scope, receive, send
+        )
 
     @staticmethod
     def _path(scope: Scope) -> str:
         path: str = scope["path"]
         root: str = scope.get("root_path", "")
         return path[len(root) :] if root and path.startswith(root) else path
-
-
-async def _send_401(send: Send, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        CHALLENGE,
-    ]
-    await send({"type": "http.response.start", "status": 401, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 _ERROR_SCHEMA = {
