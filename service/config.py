@@ -92,6 +92,13 @@ class Settings(BaseSettings):
         description="Cost bound: skip the least likely chain starts up to this share of "
         "the start set's mass (0 = spec-exact).",
     )
+    max_prompts_per_question: int = Field(
+        default=64,
+        ge=0,
+        description="Work budget: the most prompts one question may send (0 = no bound); "
+        "chain starts are planned to fit and the reply says when it bound "
+        "(usage.budget_hit). A request may lower it (max_prompts).",
+    )
 
     # Scores, feedback and live calibration
     db_path: Path = Field(

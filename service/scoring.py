@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from service.calibration import baselines, uf
+from service.calibration import baselines, budget, uf
 from service.calibration.prompts import (
     PromptTemplate,
     Question,
@@ -60,17 +60,24 @@ class ScoreParams:
     tau: float = uf.DEFAULT_TAU
     eps: float = uf.DEFAULT_EPS
     skip_mass: float = 0.0
+    max_prompts: int = budget.DEFAULT_MAX_PROMPTS  # the work budget; 0 = no bound
 
 
 @dataclass
 class Usage:
-    """What one question cost the engine."""
+    """What one question cost the engine, and whether the work budget bound it:
+    ``dropped_mass`` is the share of the chain start set's probability mass whose chains
+    were not run, ``chains_cut`` the chains ended early because their next step would pass
+    the budget."""
 
     engine_calls: int = 0
     prompts: int = 0
     unparsed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    budget_hit: bool = False
+    dropped_mass: float = 0.0
+    chains_cut: int = 0
 
     def add(self, other: Usage) -> None:
         """Add ``other``'s counts to these."""
@@ -79,6 +86,9 @@ class Usage:
         self.unparsed += other.unparsed
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+        self.budget_hit = self.budget_hit or other.budget_hit
+        self.dropped_mass += other.dropped_mass
+        self.chains_cut += other.chains_cut
 
 
 @dataclass(frozen=True)
@@ -184,10 +194,25 @@ async def _run_chains(
     template: PromptTemplate,
     mode: ResolvedMode,
     usage: Usage,
+    distribution: Sequence[float] = (),
+    max_prompts: int | None = None,
 ) -> dict[int, list[int]]:
+    """Run the chains of ``starts`` in lockstep. With ``max_prompts``, a round that would
+    pass it sends only its most likely chains' steps; the others end where they are (cut)."""
     labels = question.labels
     chains = [uf.ChainState(start, len(labels)) for start in starts]
     while active := [c for c in chains if not c.done]:
+        remaining = None if max_prompts is None else max_prompts - usage.prompts
+        sent, cut = budget.fit_round(distribution, [c.start for c in active], remaining)
+        if cut:
+            for chain in active:
+                if chain.start in cut:
+                    chain.done = True
+            usage.chains_cut += len(cut)
+            usage.budget_hit = True
+            active = [c for c in active if c.start in sent]
+            if not active:
+                break
         prompts = [
             render(
                 question,
@@ -290,10 +315,25 @@ class QuestionRun:
         async def make(usage: Usage) -> dict[int, list[int]]:
             eps = self.params.eps if mode == "logprobs" else 0.0
             distribution = first.distribution
-            starts = uf.bounded_start_set(
-                distribution, uf.start_set(distribution, eps), self.params.skip_mass
+            spec_starts = uf.start_set(distribution, eps)
+            starts = uf.bounded_start_set(distribution, spec_starts, self.params.skip_mass)
+            # Step 1 took one prompt; the chains get the rest of the budget.
+            chain_prompts = self.params.max_prompts - 1 if self.params.max_prompts > 0 else None
+            plan = budget.plan_starts(distribution, starts, chain_prompts)
+            if plan.dropped:
+                usage.budget_hit = True
+                mass = sum(distribution[s] for s in spec_starts)
+                usage.dropped_mass = sum(distribution[s] for s in plan.dropped) / mass
+            return await _run_chains(
+                self.question,
+                self.engine,
+                plan.starts,
+                self.template,
+                mode,
+                usage,
+                distribution,
+                chain_prompts,
             )
-            return await _run_chains(self.question, self.engine, starts, self.template, mode, usage)
 
         chains: dict[int, list[int]] = await self._once(("chains", mode), make, used)
         return chains
@@ -347,6 +387,11 @@ class QuestionRun:
     async def result(self, method: Method) -> ScoreResult:
         """Score the question with ``method`` (sharing steps already run)."""
         params = self.params
+        if 0 < params.max_prompts < budget.min_prompts(method):
+            raise ValueError(
+                f"max_prompts={params.max_prompts} is below the "
+                f"{budget.min_prompts(method)} prompts method {method} needs"
+            )
         mode = method_mode(method, params.mode, self.engine)
         usage = Usage()
         try:

@@ -46,7 +46,16 @@ RESPONSE_FIELDS = {
     "usage",
     "latency_ms",
 }
-USAGE_FIELDS = {"engine_calls", "prompts", "unparsed", "prompt_tokens", "completion_tokens"}
+USAGE_FIELDS = {
+    "engine_calls",
+    "prompts",
+    "unparsed",
+    "prompt_tokens",
+    "completion_tokens",
+    "budget_hit",
+    "dropped_mass",
+    "chains_cut",
+}
 
 
 def white_box(**kwargs: Any) -> FakeEngine:
@@ -142,6 +151,9 @@ async def test_score_returns_the_whole_contract() -> None:
         "unparsed": 0,
         "prompt_tokens": engine.reported_prompt_tokens,
         "completion_tokens": 10,
+        "budget_hit": False,
+        "dropped_mass": 0.0,
+        "chains_cut": 0,
     }
     assert isinstance(body["latency_ms"], float)
     assert body["latency_ms"] >= 0.0

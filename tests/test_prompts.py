@@ -20,7 +20,13 @@ from service.calibration.prompts import (
     parse_answer,
     render,
 )
-from service.engines.letters import choice_strings, combine_letter_logprobs, letter_token_ids
+from service.engines.base import EngineFeatureMissing
+from service.engines.letters import (
+    UnreadableLetter,
+    choice_strings,
+    combine_letter_logprobs,
+    letter_token_ids,
+)
 
 INSTRUCTION = "Answer with the letter of the correct option only."
 Q = Question(
@@ -258,8 +264,12 @@ def test_letter_token_ids_dedupes_same_id() -> None:
 
 
 def test_letter_token_ids_raises_without_single_token() -> None:
-    with pytest.raises(ValueError, match="'D'"):
+    # An engine feature the letter lacks (HTTP 400 naming the letter and sampling mode),
+    # not an engine failure.
+    with pytest.raises(UnreadableLetter, match="'D'") as raised:
         letter_token_ids(["A", "D"], _encode)
+    assert isinstance(raised.value, EngineFeatureMissing)
+    assert "mode=sampling" in str(raised.value)
 
 
 def test_combine_letter_logprobs_logsumexp() -> None:

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.score.protocol import ScoreRequest
+from service.calibration.budget import min_prompts
 from service.config import Settings
 
 
@@ -128,7 +129,39 @@ def score_limit_issues(
                 body.samples,
             )
         )
+    issues.extend(_budget_issues(body, settings, prefix))
     return issues
+
+
+def _budget_issues(
+    body: ScoreRequest, settings: Settings, prefix: tuple[str | int, ...]
+) -> list[dict[str, Any]]:
+    """A work budget over the configured one, or below what one scoring of the method needs
+    (e.g. 1 prompt for uf: the read leaves nothing for the answer's chain)."""
+    configured = settings.max_prompts_per_question
+    loc = (*prefix, "max_prompts")
+    if body.max_prompts is not None and configured and body.max_prompts > configured:
+        return [
+            _issue(
+                loc,
+                f"max_prompts above UFCAL_MAX_PROMPTS_PER_QUESTION={configured}",
+                body.max_prompts,
+            )
+        ]
+    effective = configured if body.max_prompts is None else body.max_prompts
+    need = min_prompts(body.method)
+    if 0 < effective < need:
+        source = "max_prompts" if body.max_prompts is not None else "UFCAL_MAX_PROMPTS_PER_QUESTION"
+        return [
+            _issue(
+                loc,
+                f"{source}={effective} is below the {need} prompts method {body.method} "
+                "needs (one read, then the answer's first chain step or the stated "
+                "confidence)",
+                effective,
+            )
+        ]
+    return []
 
 
 def check_score_limits(body: ScoreRequest, settings: Settings) -> None:

@@ -46,5 +46,6 @@ async def build_engine(settings: Settings) -> Engine:
             cpu_kvcache_space_gib=settings.vllm_cpu_kvcache_space_gib,
             cpu_threads_bind=settings.cpu_threads_bind(),
             tensor_parallel_size=settings.vllm_tensor_parallel_size,
+            max_options=settings.max_options,
         )
     )

@@ -212,10 +212,7 @@ class OpenAIHTTPEngine:
                             "letter log-probabilities (vLLM's /tokenize and logprob_token_ids)"
                         ) from exc
                     encoded[form] = [int(t) for t in body["tokens"]]
-            try:
-                self._letter_ids.update(letter_token_ids(missing, lambda s: encoded[s]))
-            except ValueError as exc:
-                raise EngineError(str(exc)) from exc
+            self._letter_ids.update(letter_token_ids(missing, lambda s: encoded[s]))
         return {label: self._letter_ids[label] for label in labels}
 
     def _body(self, prompt: Prompt, extra: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -25,7 +25,11 @@ from service.engines.base import (
     GenerationParams,
     LetterRead,
 )
-from service.engines.letters import combine_letter_logprobs, letter_token_ids
+from service.engines.letters import (
+    combine_letter_logprobs,
+    letter_token_ids,
+    max_letter_logprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ class LocalEngineConfig:
     cpu_kvcache_space_gib: int = 1
     cpu_threads_bind: str | None = None
     tensor_parallel_size: int = 1
+    max_options: int = 26  # sizes vLLM's cap on log-probs per token (both letter forms each)
 
 
 def _resolve_dtype(dtype: Dtype) -> Dtype:
@@ -97,6 +102,9 @@ class LocalVLLMEngine:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             tensor_parallel_size=cfg.tensor_parallel_size,
             enable_prefix_caching=True,
+            # A letter read asks for both forms of every option letter; vLLM's default cap
+            # (20) refused questions of 11 options or more.
+            max_logprobs=max(20, max_letter_logprobs(cfg.max_options)),
         )
         try:
             self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)

@@ -15,6 +15,7 @@ from service.config import Settings
 from service.evaluation.data import Item, load_selection, split_limit
 from service.evaluation.report import (
     GroupSummary,
+    budget_table,
     figure_name,
     markdown_table,
     summarize,
@@ -178,6 +179,13 @@ def render_report(
         "",
         *_parse_lines(summaries, rows, params.samples),
         "",
+        "## Work budget",
+        "",
+        "Questions whose chains the work budget (UFCAL_MAX_PROMPTS_PER_QUESTION) bound: "
+        "chain starts dropped (the least likely first) or chains cut. A 4-option question "
+        "needs at most 13 prompts, so a budget of 13 or more never binds it.",
+        "",
+        budget_table(summaries, params.max_prompts),
     ]
     if figures is not None:
         out += [
@@ -242,6 +250,7 @@ def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
         tau=settings.tau,
         eps=settings.eps,
         skip_mass=settings.skip_mass,
+        max_prompts=settings.max_prompts_per_question,
     )
     started = time.time()
     stats, modes = asyncio.run(_run(args, items, methods, settings, params))
@@ -257,6 +266,13 @@ def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
     )
     for error in stats.errors[:5]:
         print(f"  {error}", file=sys.stderr)
+    for s in summaries:
+        if s.method in ("uf", "fidelity") and s.rows:
+            print(
+                f"work budget ({params.max_prompts or 'none'}) bound {s.budget_hits} of "
+                f"{s.rows} {s.dataset} {s.method} questions",
+                file=sys.stderr,
+            )
     figures = Path(args.figures) if args.figures else None
     if figures is not None:
         write_figures(summaries, figures)

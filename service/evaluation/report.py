@@ -13,7 +13,14 @@ from typing import Any
 
 from service.calibration.metrics import DEFAULT_N_BINS, CalibrationReport, calibration_report
 
-__all__ = ["GroupSummary", "markdown_table", "reliability_png", "summarize", "write_figures"]
+__all__ = [
+    "GroupSummary",
+    "budget_table",
+    "markdown_table",
+    "reliability_png",
+    "summarize",
+    "write_figures",
+]
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,8 @@ class GroupSummary:
     report: CalibrationReport | None
     mean_prompts: float
     mean_engine_calls: float
+    budget_hits: int = 0  # questions the work budget bound (usage.budget_hit)
+    mean_dropped_mass: float = 0.0  # share of the start set's mass the budget dropped
 
 
 def _order(values: Iterable[str], preferred: Sequence[str]) -> list[str]:
@@ -76,6 +85,9 @@ def summarize(
                         mean_prompts=sum(u.get("prompts", 0) for u in usages) / len(group),
                         mean_engine_calls=sum(u.get("engine_calls", 0) for u in usages)
                         / len(group),
+                        budget_hits=sum(1 for u in usages if u.get("budget_hit")),
+                        mean_dropped_mass=sum(float(u.get("dropped_mass", 0.0)) for u in usages)
+                        / len(group),
                     )
                 )
     return out
@@ -102,6 +114,24 @@ def markdown_table(summaries: Sequence[GroupSummary]) -> str:
                 f"{_f(r.ce)} | {_f(r.brier)} | {_f(r.auroc)}"
             )
         lines.append(f"| {s.dataset} | {s.method} | {s.mode} | {metrics} | {s.mean_prompts:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def budget_table(summaries: Sequence[GroupSummary], max_prompts: int) -> str:
+    """How often the work budget bound, per (dataset, method, mode) that runs chains."""
+    lines = [
+        f"| dataset | method | mode | questions | budget bound (max {max_prompts or 'none'}) "
+        "| share | mean dropped mass |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        if s.method not in ("uf", "fidelity"):
+            continue
+        share = s.budget_hits / s.rows if s.rows else 0.0
+        lines.append(
+            f"| {s.dataset} | {s.method} | {s.mode} | {s.rows} | {s.budget_hits} | "
+            f"{share:.3f} | {s.mean_dropped_mass:.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -65,6 +65,14 @@ class ScoreRequest(BaseModel):
         lt=1,
         description="Logprobs mode: options with P >= eps start a chain (default 0.01).",
     )
+    max_prompts: int | None = Field(
+        default=None,
+        ge=1,
+        description="Work budget: the most prompts this question may send (at least 2 for "
+        "uf, fidelity, verbalized and linguistic; at most UFCAL_MAX_PROMPTS_PER_QUESTION, "
+        "default 64). Chain starts are planned to fit, the least likely dropped first; "
+        "usage.budget_hit says when it bound.",
+    )
     id: str | None = Field(
         default=None, min_length=1, max_length=128, description="Your id for this question."
     )
@@ -82,6 +90,23 @@ class UsageOut(BaseModel):
     unparsed: int = Field(description="Model replies that named no option.")
     prompt_tokens: int
     completion_tokens: int
+    budget_hit: bool = Field(
+        default=False,
+        description="The work budget bound this question: chain starts were dropped "
+        "(dropped_mass) or chains cut (chains_cut).",
+    )
+    dropped_mass: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Share of the chain start set's probability mass whose chains the "
+        "budget did not run; F(answer) moves by at most this much.",
+    )
+    chains_cut: int = Field(
+        default=0,
+        ge=0,
+        description="Chains ended early because their next step would pass the budget.",
+    )
 
 
 class ScoreResponse(BaseModel):

@@ -46,6 +46,9 @@ def score_params(body: ScoreRequest, settings: Settings) -> ScoreParams:
         tau=body.tau or settings.tau,
         eps=settings.eps if body.eps is None else body.eps,
         skip_mass=settings.skip_mass,
+        max_prompts=(
+            settings.max_prompts_per_question if body.max_prompts is None else body.max_prompts
+        ),
     )
 
 

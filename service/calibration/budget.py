@@ -1,0 +1,90 @@
+"""The work budget of one question: how many prompts scoring it may send, planned before
+any engine call (admission weighs a request by it) and enforced while its chains run.
+
+Plain functions over plain data. A question of M options costs one read (step 1) plus, for
+``uf`` and ``fidelity``, one prompt per chain step; a chain takes at most M - 1 steps (each
+step removes one option; it stops when only its start's slot is left). So the most a
+question can cost is 1 + |S| (M - 1) with |S| <= M starts: 13 prompts at M = 4, 651 at
+M = 26. A budget B caps that: the starts are planned to fit (the least likely dropped first,
+as ``skip_mass`` does) and a chain step that would pass B is not sent (the chain is cut)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DEFAULT_MAX_PROMPTS = 64
+CHAIN_METHODS = frozenset({"uf", "fidelity"})
+STATED_METHODS = frozenset({"verbalized", "linguistic"})
+
+
+def chain_steps_bound(n_options: int) -> int:
+    """The most steps one fidelity chain of a question with ``n_options`` can take."""
+    return max(0, n_options - 1)
+
+
+def min_prompts(method: str) -> int:
+    """The fewest prompts ``method`` can be scored with: the read, plus the answer's first
+    chain step (uf, fidelity) or the question for a stated confidence (verbalized,
+    linguistic). A budget below this cannot give a result."""
+    if method in CHAIN_METHODS or method in STATED_METHODS:
+        return 2
+    return 1
+
+
+def unbounded_prompts(method: str, n_options: int) -> int:
+    """The most prompts ``method`` can send for a question of ``n_options`` with no budget
+    (linguistic: one more when the engine has no structured choice)."""
+    if method in CHAIN_METHODS:
+        return 1 + n_options * chain_steps_bound(n_options)
+    if method == "linguistic":
+        return 3
+    if method == "verbalized":
+        return 2
+    return 1
+
+
+def planned_prompts(method: str, n_options: int, max_prompts: int) -> int:
+    """The prompts a question is planned at before its first engine call: its worst case
+    under the budget ``max_prompts`` (0 = no bound). Admission weighs requests by this."""
+    worst = unbounded_prompts(method, n_options)
+    return worst if max_prompts <= 0 else min(worst, max(max_prompts, min_prompts(method)))
+
+
+@dataclass(frozen=True)
+class StartPlan:
+    """The chain starts kept under a budget, and the share of the start set's probability
+    mass dropped to fit (0 when nothing was dropped)."""
+
+    starts: list[int]
+    dropped: list[int]
+    dropped_share: float
+
+
+def plan_starts(
+    distribution: Sequence[float], starts: Sequence[int], chain_prompts: int | None
+) -> StartPlan:
+    """Keep the most likely starts while each can take at least one chain step within
+    ``chain_prompts`` (None: no bound). The least likely go first (ties: the later option);
+    the argmax answer is kept whenever any start is. Kept starts stay in index order."""
+    if chain_prompts is None or len(starts) <= chain_prompts:
+        return StartPlan(list(starts), [], 0.0)
+    by_likelihood = sorted(starts, key=lambda i: (-distribution[i], i))
+    kept = set(by_likelihood[: max(0, chain_prompts)])
+    dropped = [s for s in starts if s not in kept]
+    total = sum(distribution[s] for s in starts)
+    share = sum(distribution[s] for s in dropped) / total if total > 0 else 0.0
+    return StartPlan([s for s in starts if s in kept], dropped, share)
+
+
+def fit_round(
+    distribution: Sequence[float], active: Sequence[int], remaining: int | None
+) -> tuple[list[int], list[int]]:
+    """One lockstep round of chains (``active`` are their starts) under ``remaining``
+    prompts (None: no bound): the starts whose step is sent, and those cut because their
+    step would pass the budget (the least likely first; ties: the later option)."""
+    if remaining is None or len(active) <= remaining:
+        return list(active), []
+    by_likelihood = sorted(active, key=lambda i: (-distribution[i], i))
+    sent = set(by_likelihood[: max(0, remaining)])
+    return [s for s in active if s in sent], [s for s in active if s not in sent]
