@@ -15,12 +15,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from service.api import security
-from service.api.admission import Admission, DeadlineExceeded, Overloaded
+from service.api.admission import Admission, DeadlineExceeded, Overloaded, RateMeter
 from service.api.common import AppState, ServiceUnavailable, app_state, error_response, one_line
 from service.api.feedback import serving as feedback_serving
 from service.api.limits import BodySizeLimit, document_body_errors
 from service.api.score import serving as score_serving
 from service.api.watchdog import watch_engine
+from service.calibration.budget import planned_prompts
 from service.config import Settings
 from service.engines import build_engine
 from service.engines.base import Engine
@@ -47,12 +48,21 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     """Build the app. Without ``engine`` the settings select and start one in the
     background, so /healthz answers while the model loads and /readyz says when it is up."""
     settings = settings or Settings()
+    # A slot is a 4-option UF question's planned prompts: UFCAL_MAX_CONCURRENCY of those
+    # run at once, and a bigger question takes the slots its planned prompts are worth.
+    slot_work = planned_prompts("uf", 4, settings.max_prompts_per_question)
     state = AppState(
         settings=settings,
         telemetry=Telemetry(),
         template=settings.prompt_template(),
-        admission=Admission(settings.max_concurrency, settings.max_queue),
+        admission=Admission(
+            settings.max_concurrency,
+            settings.max_queue,
+            work_capacity=settings.max_concurrency * slot_work,
+            meter=RateMeter(),
+        ),
     )
+    state.admission.export(state.telemetry.registry)
 
     async def start_engine() -> None:
         try:

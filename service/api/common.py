@@ -49,7 +49,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "The body is over UFCAL_MAX_BODY_BYTES."},
     429: {
         "model": ErrorResponse,
-        "description": "Overloaded: every slot and the queue are full; see Retry-After.",
+        "description": "Overloaded: every slot and the queue are full, or the work ahead "
+        "would not finish before the deadline at the engine's measured rate; see Retry-After.",
     },
     504: {"model": ErrorResponse, "description": "Past UFCAL_REQUEST_TIMEOUT_S; cancelled."},
 }

@@ -27,6 +27,7 @@ from service.api.score.protocol import (
     ScoreResponse,
     UsageOut,
 )
+from service.calibration.budget import planned_prompts
 from service.calibration.prompts import Question
 from service.config import Settings
 from service.scoring import ScoreParams, ScoreResult, score
@@ -163,6 +164,8 @@ async def score_question(
         return await state.admission.run(
             lambda: score_request(state, body),
             cost=1,
+            planned=planned_work(body, state.settings),
+            measure=_prompts_sent,
             timeout_s=state.settings.request_timeout_s,
         )
     except (Overloaded, DeadlineExceeded) as exc:
@@ -173,6 +176,17 @@ async def score_question(
         )
         log.warning("score refused", extra={"fields": {"status": reply.status_code}})
         return reply
+
+
+def planned_work(body: ScoreRequest, settings: Settings) -> int:
+    """The prompts a question is planned at (its worst case under its work budget):
+    admission weighs it by this."""
+    budget = settings.max_prompts_per_question if body.max_prompts is None else body.max_prompts
+    return planned_prompts(body.method, len(body.options), budget)
+
+
+def _prompts_sent(outcome: ScoreResponse | JSONResponse | None) -> int | None:
+    return outcome.usage.prompts if isinstance(outcome, ScoreResponse) else None
 
 
 def _batch_item(index: int, outcome: ScoreResponse | JSONResponse) -> BatchItem:
@@ -217,13 +231,18 @@ async def score_batch(
     mode = settings.mode
     tasks: list[asyncio.Task[ScoreResponse | JSONResponse]] = []
 
-    async def run_items() -> None:
+    async def run_items() -> int:
         tasks.extend(asyncio.create_task(score_request(state, item)) for item in body.items)
         await asyncio.wait(tasks)
+        return sum(_prompts_sent(t.result()) or 0 for t in tasks)
 
     try:
         await state.admission.run(
-            run_items, cost=len(body.items), timeout_s=settings.request_timeout_s
+            run_items,
+            cost=len(body.items),
+            planned=sum(planned_work(item, settings) for item in body.items),
+            measure=lambda sent: sent,
+            timeout_s=settings.request_timeout_s,
         )
     except Overloaded as exc:
         return error_response(exc, mode)
