@@ -12,6 +12,9 @@ Bounds, all upper bounds:
   (UFCAL_MAX_CONCURRENCY, UFCAL_MAX_QUEUE); beyond the queue a request is refused at once;
 * ``work_capacity`` planned prompts run at once, so a 26-option question (64 prompts under
   the default budget) holds as much of the engine as five 4-option ones (13 each);
+* large requests (more work than ``slot_work``, one standard question) together hold at
+  most half of ``work_capacity``, so standard questions always find room: a flood of big
+  questions cannot starve them (their predicted wait is taken at half the rate);
 * time: with the engine's rate measured (``RateMeter``, prompts per busy second), a request
   is admitted only if the work ahead of it plus its own is predicted to finish before its
   deadline. Smaller work is served first; a queued request that later, smaller arrivals
@@ -157,6 +160,7 @@ class Admission:
         retry_after_s: int = 1,
         *,
         work_capacity: int | None = None,
+        slot_work: int | None = None,
         meter: RateMeter | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -166,7 +170,10 @@ class Admission:
         self.max_queue = max_queue
         self.retry_after_s = retry_after_s
         self.work_capacity = work_capacity
+        self.slot_work = slot_work
+        self.large_capacity = None if work_capacity is None else max(1, work_capacity // 2)
         self.meter = meter
+        self.large_in_use = 0
         self._clock = clock
         self.in_use = 0
         self.queued = 0
@@ -199,6 +206,15 @@ class Admission:
             return None
         return self.meter.fill() / rate
 
+    def is_large(self, work: int) -> bool:
+        """More work than one standard question: held to the large requests' share."""
+        return self.slot_work is not None and work > self.slot_work
+
+    def _seconds_for(self, total: int, per_prompt: float, large: bool) -> float:
+        """Seconds for ``total`` planned prompts to drain; large requests get at most half
+        the engine, so the work ahead of one drains at half the rate."""
+        return total * per_prompt * (2.0 if large else 1.0)
+
     def predicted_s(self, work: int) -> float | None:
         """When a new request of ``work`` would finish from now: the work running, the queued
         work served before it (no larger than its own) and its own, at the measured rate."""
@@ -206,14 +222,18 @@ class Admission:
         if per_prompt is None:
             return None
         ahead = self.work_in_use + sum(w.work for w in self._waiters if w.work <= work)
-        return (ahead + work) * per_prompt
+        return self._seconds_for(ahead + work, per_prompt, self.is_large(work))
 
     def _fits(self, slots: int, work: int) -> bool:
         if self.in_use + slots > self.capacity:
             return False
         if self.work_capacity is None or self.work_in_use == 0:
             return True
-        return self.work_in_use + work <= self.work_capacity
+        if self.work_in_use + work > self.work_capacity:
+            return False
+        if self.is_large(work) and self.large_in_use and self.large_capacity is not None:
+            return self.large_in_use + work <= self.large_capacity
+        return True
 
     def _refuse_for_time(self, predicted: float, available: float) -> Overloaded:
         self.rejected += 1
@@ -229,6 +249,8 @@ class Admission:
     def _take(self, slots: int, work: int) -> None:
         self.in_use += slots
         self.work_in_use += work
+        if self.is_large(work):
+            self.large_in_use += work
         if self.meter is not None:
             self.meter.running(1)
 
@@ -343,7 +365,7 @@ class Admission:
         ahead = self.work_in_use
         for waiter in list(self._waiters):
             ahead += waiter.work
-            predicted = ahead * per_prompt
+            predicted = self._seconds_for(ahead, per_prompt, self.is_large(waiter.work))
             if now + predicted > waiter.deadline and not waiter.future.done():
                 self._drop(waiter)
                 ahead -= waiter.work
@@ -352,6 +374,8 @@ class Admission:
     def _release(self, slots: int, work: int) -> None:
         self.in_use -= slots
         self.work_in_use -= work
+        if self.is_large(work):
+            self.large_in_use -= work
         if self.meter is not None:
             self.meter.running(-1)
         self._grant()

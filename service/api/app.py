@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             settings.max_concurrency,
             settings.max_queue,
             work_capacity=settings.max_concurrency * slot_work,
+            slot_work=slot_work,
             meter=RateMeter(),
         ),
     )
