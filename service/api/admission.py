@@ -21,7 +21,11 @@ Bounds, all upper bounds:
   push past its deadline is refused then (429, before it cost the engine anything) instead
   of timing out at the engine.
 
-Until the rate is measured (the first requests after start) only the fixed bounds apply."""
+A request is admitted when predicted to finish within ``deadline_share`` (80 %) of the time
+it has left: the rate moves with the load, and the prediction is of the whole work, while
+the deadline is hard. Until the rate is measured (the first requests after start) nothing
+is queued: up to ``capacity`` requests run and the rest are refused, since a queue whose
+drain time is unknown is what turned a burst into 504s."""
 
 from __future__ import annotations
 
@@ -78,7 +82,7 @@ class RateMeter:
     def __init__(
         self,
         window_s: float = 60.0,
-        min_busy_s: float = 1.0,
+        min_busy_s: float = 0.5,
         min_prompts: int = 8,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -162,6 +166,7 @@ class Admission:
         work_capacity: int | None = None,
         slot_work: int | None = None,
         meter: RateMeter | None = None,
+        deadline_share: float = 0.8,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if capacity < 1 or max_queue < 0:
@@ -173,6 +178,7 @@ class Admission:
         self.slot_work = slot_work
         self.large_capacity = None if work_capacity is None else max(1, work_capacity // 2)
         self.meter = meter
+        self.deadline_share = deadline_share
         self.large_in_use = 0
         self._clock = clock
         self.in_use = 0
@@ -224,6 +230,9 @@ class Admission:
         ahead = self.work_in_use + sum(w.work for w in self._waiters if w.work <= work)
         return self._seconds_for(ahead + work, per_prompt, self.is_large(work))
 
+    def _in_time(self, predicted: float, now: float, deadline: float) -> bool:
+        return predicted <= self.deadline_share * (deadline - now)
+
     def _fits(self, slots: int, work: int) -> bool:
         if self.in_use + slots > self.capacity:
             return False
@@ -264,13 +273,20 @@ class Admission:
         slots, weight = self.cost_of(cost), self.work_of(work)
         now = self._clock()
         predicted = None if deadline is None else self.predicted_s(weight)
-        if deadline is not None and predicted is not None and now + predicted > deadline:
-            raise self._refuse_for_time(predicted, deadline - now)
+        if (
+            deadline is not None
+            and predicted is not None
+            and not self._in_time(predicted, now, deadline)
+        ):
+            raise self._refuse_for_time(predicted, self.deadline_share * (deadline - now))
+        # with a meter but no rate yet, the queue's drain time is unknown: queue nothing
+        unmeasured = self.meter is not None and self.seconds_per_prompt() is None
+        max_queue = 0 if unmeasured else self.max_queue
         # smallest work first: only waiters with more work than this one can be passed
         if self._fits(slots, weight) and not any(w.work <= weight for w in self._waiters):
             self._take(slots, weight)
         else:
-            if self.queued + slots > self.max_queue:
+            if self.queued + slots > max_queue:
                 self.rejected += 1
                 raise Overloaded(self.retry_after())
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -366,10 +382,11 @@ class Admission:
         for waiter in list(self._waiters):
             ahead += waiter.work
             predicted = self._seconds_for(ahead, per_prompt, self.is_large(waiter.work))
-            if now + predicted > waiter.deadline and not waiter.future.done():
+            if not self._in_time(predicted, now, waiter.deadline) and not waiter.future.done():
                 self._drop(waiter)
                 ahead -= waiter.work
-                waiter.future.set_exception(self._refuse_for_time(predicted, waiter.deadline - now))
+                available = self.deadline_share * (waiter.deadline - now)
+                waiter.future.set_exception(self._refuse_for_time(predicted, available))
 
     def _release(self, slots: int, work: int) -> None:
         self.in_use -= slots
