@@ -220,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--overhead-requests", type=int, default=2000)
     bench.add_argument("--no-overhead", action="store_true", help="skip the service overhead")
     bench.add_argument("--no-engine", action="store_true", help="only the service overhead")
+    bench.add_argument(
+        "--sweep",
+        default="",
+        help="option counts to sweep UF logprobs over, e.g. 2,4,8,13,26 (default: none)",
+    )
+    bench.add_argument("--sweep-n", type=int, default=16, help="questions per option count")
     bench.set_defaults(func=_bench)
 
     metrics = sub.add_parser("metrics", help="calibration metrics of a scored JSONL file")

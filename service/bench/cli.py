@@ -31,6 +31,7 @@ async def _engine_part(args: argparse.Namespace, settings: Settings) -> dict[str
     questions = load_questions(data, args.n)
     engine = await build_engine(settings)
     await engine.start()
+    sweep: list[dict[str, Any]] = []
     try:
         results = await run_engine_variants(
             engine,
@@ -42,9 +43,23 @@ async def _engine_part(args: argparse.Namespace, settings: Settings) -> dict[str
             skip_mass=args.skip_mass,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
+        if getattr(args, "sweep", ""):
+            from .sweep import run_sweep
+
+            sweep = await run_sweep(
+                engine,
+                data.parent,
+                settings.prompt_template(),
+                option_counts=[int(m) for m in args.sweep.split(",") if m.strip()],
+                n=args.sweep_n,
+                max_prompts=settings.max_prompts_per_question,
+                progress=lambda line: print(line, file=sys.stderr, flush=True),
+            )
     finally:
         await engine.close()
     return {
+        "sweep": sweep,
+        "max_prompts": settings.max_prompts_per_question,
         "engine": ",".join(settings.engine_urls) or "in-process vLLM",
         "model": engine.model,
         "dataset": data.name,
@@ -84,5 +99,9 @@ def bench_command(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
+    if report.get("sweep"):
+        from .sweep import format_sweep
+
+        print("\n" + format_sweep(report["sweep"], int(report.get("max_prompts", 0))))
     print(f"\nreport: {out}", file=sys.stderr)
     return 0
