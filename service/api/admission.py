@@ -298,7 +298,8 @@ class Admission:
             try:
                 await future
             except asyncio.CancelledError:
-                if future.done() and not future.cancelled():
+                granted = future.done() and not future.cancelled() and not future.exception()
+                if granted:
                     self._release(slots, weight)  # granted just as we were cancelled
                 else:
                     self._drop(waiter)
