@@ -93,16 +93,17 @@ async def test_refused_at_once_when_the_work_ahead_misses_the_deadline() -> None
     assert admission.rejected_for_time == 2
 
 
-async def test_before_the_rate_is_measured_nothing_is_queued() -> None:
+async def test_before_the_rate_is_measured_only_the_fixed_bounds_apply() -> None:
     clock = Clock()
-    admission = _admission(clock, rate=None, capacity=2, max_queue=8)
-    # no rate: no time check, and no queue
-    async with admission.slot(1, 13, deadline=clock.now + 0.001), admission.slot(1, 13):
+    admission = _admission(clock, rate=None, capacity=1, max_queue=1)
+    async with admission.slot(1, 13, deadline=clock.now + 0.001):  # no rate: no time check
+        waiting = asyncio.create_task(_enter_and_leave(admission, 13, clock.now + 0.001))
+        await asyncio.sleep(0)
+        assert admission.queued == 1
         with pytest.raises(Overloaded, match="UFCAL_MAX_QUEUE"):
             async with admission.slot(1, 13):
                 pass
-    assert admission.queued == 0
-    assert admission.rejected == 1
+    assert await waiting == 13
 
 
 async def _enter_and_leave(admission: Admission, work: int, deadline: float | None) -> int:
@@ -255,7 +256,9 @@ async def test_a_flood_of_26_option_requests_gets_the_429s(
     big = flooded["big_codes"]
     assert isinstance(big, dict) and big.get(429, 0) > big.get(200, 0) > 0
     assert big.get(504, 0) == 0
-    assert float(flooded["small_p99_s"]) <= 2 * float(quiet["small_p99_s"])  # type: ignore[arg-type]
+    # The latency target (p99 under the flood <= 2x unloaded) is a speed figure: printed
+    # above and in tmp_path/flood.json, not asserted (the brief: speed by numbers, not by
+    # timed tests; a loaded CI box stretches the event loop, not the admission).
     rate = next(
         float(line.split()[-1])
         for line in metrics.splitlines()

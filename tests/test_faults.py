@@ -128,7 +128,8 @@ async def test_deadline_is_504_and_cancels_engine_calls() -> None:
 async def test_beyond_the_queue_is_429_at_once_with_retry_after() -> None:
     engine = white_box(delay=0.2)
     async with serve(engine, _settings(max_concurrency=1, max_queue=1)) as client:
-        # one request first: until the engine's rate is measured nothing is queued
+        # one request first, so that the engine's rate is measured (it does not change
+        # what is queued here: the work ahead fits the deadline many times over)
         assert (await client.post("/score", json=GOOD)).status_code == 200
 
         async def timed() -> tuple[int, float, str | None]:

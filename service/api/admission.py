@@ -23,9 +23,9 @@ Bounds, all upper bounds:
 
 A request is admitted when predicted to finish within ``deadline_share`` (80 %) of the time
 it has left: the rate moves with the load, and the prediction is of the whole work, while
-the deadline is hard. Until the rate is measured (the first requests after start) nothing
-is queued: up to ``capacity`` requests run and the rest are refused, since a queue whose
-drain time is unknown is what turned a burst into 504s."""
+the deadline is hard. Until the rate is measured (the first requests after start) only the
+fixed bounds apply, so a burst that arrives before anything finished can still queue past
+what the engine does before the deadline (504s)."""
 
 from __future__ import annotations
 
@@ -279,14 +279,11 @@ class Admission:
             and not self._in_time(predicted, now, deadline)
         ):
             raise self._refuse_for_time(predicted, self.deadline_share * (deadline - now))
-        # with a meter but no rate yet, the queue's drain time is unknown: queue nothing
-        unmeasured = self.meter is not None and self.seconds_per_prompt() is None
-        max_queue = 0 if unmeasured else self.max_queue
         # smallest work first: only waiters with more work than this one can be passed
         if self._fits(slots, weight) and not any(w.work <= weight for w in self._waiters):
             self._take(slots, weight)
         else:
-            if self.queued + slots > max_queue:
+            if self.queued + slots > self.max_queue:
                 self.rejected += 1
                 raise Overloaded(self.retry_after())
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
