@@ -317,7 +317,9 @@ def test_eval_command_end_to_end(
 
 
 def test_unknown_method_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="unknown method"):
+    from service.cli_args import ArgumentError
+
+    with pytest.raises(ArgumentError, match="--methods: unknown method"):
         eval_cmd._methods("uf,nope")
 
 

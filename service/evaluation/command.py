@@ -11,6 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from service.cli_args import (
+    ArgumentError,
+    at_least,
+    check_engine_settings,
+    input_file,
+    load_settings,
+    output_dir,
+    output_file,
+)
 from service.config import Settings
 from service.evaluation.data import Item, load_selection, split_limit
 from service.evaluation.report import (
@@ -43,21 +52,28 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated, from {', '.join(METHODS)} (default: all)",
     )
     parser.add_argument("--mode", choices=["auto", "logprobs", "sampling"], default=None)
-    parser.add_argument("--limit", type=int, default=None, help="first N questions per file")
     parser.add_argument(
-        "--per-subject", type=int, default=None, help="first N questions per subject (MMLU)"
+        "--limit", type=at_least(1), default=None, help="first N questions per file"
+    )
+    parser.add_argument(
+        "--per-subject",
+        type=at_least(1),
+        default=None,
+        help="first N questions per subject (MMLU)",
     )
     parser.add_argument("--seed", type=int, default=0, help="option permutation seed")
-    parser.add_argument("--samples", type=int, default=None, help="K (default UFCAL_SAMPLES)")
+    parser.add_argument(
+        "--samples", type=at_least(1), default=None, help="K (default UFCAL_SAMPLES)"
+    )
     parser.add_argument("--out", default=DEFAULT_OUT, help="append-only results JSONL")
     parser.add_argument("--figures", default=None, help="write reliability PNGs here")
     parser.add_argument("--report", default=None, help="write a Markdown report here")
     parser.add_argument(
         "--notes", default=None, help="Markdown file included in the report as its notes"
     )
-    parser.add_argument("--concurrency", type=int, default=16, help="questions in flight")
+    parser.add_argument("--concurrency", type=at_least(1), default=16, help="questions in flight")
     parser.add_argument("--data-dir", default=None, help="default: UFCAL_DATA_DIR")
-    parser.add_argument("--bins", type=int, default=10, help="bins of ECE, IPR, CE")
+    parser.add_argument("--bins", type=at_least(1), default=10, help="bins of ECE, IPR, CE")
     parser.add_argument(
         "--no-run", action="store_true", help="only summarise what the results file holds"
     )
@@ -72,8 +88,8 @@ def _resolve(files: Sequence[str], data_dir: Path) -> list[tuple[Path, int | str
         if not path.exists() and not path.is_absolute() and (data_dir / name).exists():
             path = data_dir / name
         if not path.exists():
-            raise SystemExit(f"error: no such MCQA file: {name} (looked in . and {data_dir})")
-        paths.append((path, own))
+            raise ArgumentError(f"FILES: no such MCQA file: {name} (looked in . and {data_dir})")
+        paths.append((input_file(path, "FILES"), own))
     return paths
 
 
@@ -81,7 +97,9 @@ def _methods(spec: str) -> list[Method]:
     methods: list[Method] = []
     for name in (m.strip() for m in spec.split(",")):
         if name not in METHODS:
-            raise SystemExit(f"error: unknown method {name!r}; choose from {', '.join(METHODS)}")
+            raise ArgumentError(
+                f"argument --methods: unknown method {name!r}; choose from {', '.join(METHODS)}"
+            )
         if name not in methods:
             methods.append(name)
     return methods
@@ -228,12 +246,25 @@ async def _run(
 
 
 def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
-    """Run (or resume) the evaluation, then print the table and write figures and report."""
-    settings = Settings()
+    """Run (or resume) the evaluation, then print the table (stdout) and write figures and
+    report. Arguments, files and settings are checked before the engine starts."""
+    settings = load_settings()
     data_dir = Path(args.data_dir) if args.data_dir else settings.data_dir
     paths = _resolve(args.files, data_dir)
     methods = _methods(args.methods)
-    items = load_selection(paths, args.limit, args.per_subject, args.seed)
+    if args.samples is not None and args.samples > settings.max_samples:
+        raise ArgumentError(f"argument --samples: must be <= {settings.max_samples}")
+    output_file(args.out, "--out")
+    if args.figures:
+        output_dir(args.figures, "--figures")
+    if args.report:
+        output_file(args.report, "--report")
+    notes = input_file(args.notes, "--notes").read_text(encoding="utf-8") if args.notes else ""
+    try:
+        items = load_selection(paths, args.limit, args.per_subject, args.seed)
+    except ValueError as exc:
+        raise ArgumentError(f"FILES: {exc}") from None
+    check_engine_settings(settings)
     params = ScoreParams(
         method="uf",
         mode=args.mode or settings.mode,
@@ -274,7 +305,7 @@ def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
                 params,
                 figures,
                 report_path,
-                Path(args.notes).read_text(encoding="utf-8") if args.notes else "",
+                notes,
             ),
             encoding="utf-8",
         )
