@@ -27,6 +27,7 @@ from service.cli_args import (
     output_dir,
     output_file,
 )
+from service.evaluation.arguments import METHOD_NAMES, add_eval_arguments
 
 if TYPE_CHECKING:
     from service.api.score.protocol import ScoreRequest
@@ -236,11 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--option", action="append", help="an option (repeat, in order)")
     sc.add_argument("--file", help="JSONL in the shared MCQA format (question, options, answer)")
     sc.add_argument("--limit", type=at_least(1), default=None, help="score the first N questions")
-    sc.add_argument(
-        "--method",
-        choices=["uf", "fidelity", "sampled", "token", "verbalized", "linguistic"],
-        default="uf",
-    )
+    sc.add_argument("--method", choices=METHOD_NAMES, default="uf")
     sc.add_argument("--mode", choices=["auto", "logprobs", "sampling"], default=None)
     sc.add_argument("--samples", type=at_least(1), default=None, help="K in sampling mode")
     sc.add_argument("--concurrency", type=at_least(1), default=16, help="questions in flight")
@@ -282,8 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("file", help="JSONL with 'confidence' and 'correct' per line")
     metrics.add_argument("--bins", type=at_least(1), default=10, help="number of equal-width bins")
     metrics.set_defaults(func=_metrics)
-
-    from service.evaluation.command import add_eval_arguments
 
     ev = sub.add_parser(
         "eval", help="calibration of chosen methods over MCQA files: table and diagrams"

@@ -84,7 +84,24 @@ def json_stream_handler(stream: TextIO | None = None) -> logging.StreamHandler[T
     handler: logging.StreamHandler[TextIO] = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.captureWarnings(True)
+    _torch_logs_through_root()
     return handler
+
+
+def _torch_logs_through_root() -> None:
+    """torch gives its registered loggers (``torch``, ``torch._dynamo``...) handlers of its
+    own with a plain-text format and stops their propagation, at import. When torch is
+    loaded (as it is whenever vLLM applies this configuration), drop those handlers so the
+    lines reach the root's JSON handler. torch has no public switch for this."""
+    internal = sys.modules.get("torch._logging._internal")
+    is_torch_handler = getattr(internal, "_is_torch_handler", None)
+    get_loggers = getattr(internal, "get_loggers", None)
+    if not callable(is_torch_handler) or not callable(get_loggers):
+        return
+    for logger in get_loggers():
+        for handler in [h for h in logger.handlers if is_torch_handler(h)]:
+            logger.removeHandler(handler)
+        logger.propagate = True
 
 
 class ScoredAccessFilter(logging.Filter):

@@ -13,7 +13,6 @@ from typing import Any
 
 from service.cli_args import (
     ArgumentError,
-    at_least,
     check_engine_settings,
     input_file,
     load_settings,
@@ -21,6 +20,7 @@ from service.cli_args import (
     output_file,
 )
 from service.config import Settings
+from service.evaluation.arguments import add_eval_arguments
 from service.evaluation.data import Item, load_selection, split_limit
 from service.evaluation.report import (
     GroupSummary,
@@ -34,50 +34,6 @@ from service.evaluation.runner import EvalStats, run_eval
 from service.scoring import METHODS, Method, ResolvedMode, ScoreParams, method_mode
 
 __all__ = ["add_eval_arguments", "eval_command"]
-
-DEFAULT_OUT = "eval/results.jsonl"
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``ufcal eval``."""
-    parser.add_argument(
-        "files",
-        nargs="+",
-        help="MCQA JSONL files (a bare name is looked up in --data-dir); FILE:N or FILE:all "
-        "overrides --limit for that file",
-    )
-    parser.add_argument(
-        "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated, from {', '.join(METHODS)} (default: all)",
-    )
-    parser.add_argument("--mode", choices=["auto", "logprobs", "sampling"], default=None)
-    parser.add_argument(
-        "--limit", type=at_least(1), default=None, help="first N questions per file"
-    )
-    parser.add_argument(
-        "--per-subject",
-        type=at_least(1),
-        default=None,
-        help="first N questions per subject (MMLU)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="option permutation seed")
-    parser.add_argument(
-        "--samples", type=at_least(1), default=None, help="K (default UFCAL_SAMPLES)"
-    )
-    parser.add_argument("--out", default=DEFAULT_OUT, help="append-only results JSONL")
-    parser.add_argument("--figures", default=None, help="write reliability PNGs here")
-    parser.add_argument("--report", default=None, help="write a Markdown report here")
-    parser.add_argument(
-        "--notes", default=None, help="Markdown file included in the report as its notes"
-    )
-    parser.add_argument("--concurrency", type=at_least(1), default=16, help="questions in flight")
-    parser.add_argument("--data-dir", default=None, help="default: UFCAL_DATA_DIR")
-    parser.add_argument("--bins", type=at_least(1), default=10, help="bins of ECE, IPR, CE")
-    parser.add_argument(
-        "--no-run", action="store_true", help="only summarise what the results file holds"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _resolve(files: Sequence[str], data_dir: Path) -> list[tuple[Path, int | str | None]]:
