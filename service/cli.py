@@ -192,6 +192,9 @@ def _metrics(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from service.evaluation.arguments import check_eval_arguments
+
+    check_eval_arguments(args, load_settings())  # before the numerical code is imported
     from service.evaluation.command import eval_command
 
     return eval_command(args)

@@ -318,9 +318,10 @@ def test_eval_command_end_to_end(
 
 def test_unknown_method_is_refused(tmp_path: Path) -> None:
     from service.cli_args import ArgumentError
+    from service.evaluation.arguments import _methods
 
     with pytest.raises(ArgumentError, match="--methods: unknown method"):
-        eval_cmd._methods("uf,nope")
+        _methods("uf,nope")
 
 
 def test_wall_time_sums_the_runs() -> None:

@@ -14,14 +14,11 @@ from typing import Any
 from service.cli_args import (
     ArgumentError,
     check_engine_settings,
-    input_file,
     load_settings,
-    output_dir,
-    output_file,
 )
 from service.config import Settings
-from service.evaluation.arguments import add_eval_arguments
-from service.evaluation.data import Item, load_selection, split_limit
+from service.evaluation.arguments import add_eval_arguments, check_eval_arguments
+from service.evaluation.data import Item, load_selection
 from service.evaluation.report import (
     GroupSummary,
     figure_name,
@@ -31,34 +28,9 @@ from service.evaluation.report import (
 )
 from service.evaluation.results import ResultsFile, row_key
 from service.evaluation.runner import EvalStats, run_eval
-from service.scoring import METHODS, Method, ResolvedMode, ScoreParams, method_mode
+from service.scoring import Method, ResolvedMode, ScoreParams, method_mode
 
 __all__ = ["add_eval_arguments", "eval_command"]
-
-
-def _resolve(files: Sequence[str], data_dir: Path) -> list[tuple[Path, int | str | None]]:
-    paths: list[tuple[Path, int | str | None]] = []
-    for spec in files:
-        name, own = split_limit(spec)
-        path = Path(name)
-        if not path.exists() and not path.is_absolute() and (data_dir / name).exists():
-            path = data_dir / name
-        if not path.exists():
-            raise ArgumentError(f"FILES: no such MCQA file: {name} (looked in . and {data_dir})")
-        paths.append((input_file(path, "FILES"), own))
-    return paths
-
-
-def _methods(spec: str) -> list[Method]:
-    methods: list[Method] = []
-    for name in (m.strip() for m in spec.split(",")):
-        if name not in METHODS:
-            raise ArgumentError(
-                f"argument --methods: unknown method {name!r}; choose from {', '.join(METHODS)}"
-            )
-        if name not in methods:
-            methods.append(name)
-    return methods
 
 
 def wall_time_s(rows: Sequence[dict[str, Any]]) -> float:
@@ -205,17 +177,8 @@ def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
     """Run (or resume) the evaluation, then print the table (stdout) and write figures and
     report. Arguments, files and settings are checked before the engine starts."""
     settings = load_settings()
-    data_dir = Path(args.data_dir) if args.data_dir else settings.data_dir
-    paths = _resolve(args.files, data_dir)
-    methods = _methods(args.methods)
-    if args.samples is not None and args.samples > settings.max_samples:
-        raise ArgumentError(f"argument --samples: must be <= {settings.max_samples}")
-    output_file(args.out, "--out")
-    if args.figures:
-        output_dir(args.figures, "--figures")
-    if args.report:
-        output_file(args.report, "--report")
-    notes = input_file(args.notes, "--notes").read_text(encoding="utf-8") if args.notes else ""
+    paths, methods = check_eval_arguments(args, settings)
+    notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else ""
     try:
         items = load_selection(paths, args.limit, args.per_subject, args.seed)
     except ValueError as exc:
