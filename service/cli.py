@@ -292,10 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _log_level() -> str:
-    """``UFCAL_LOG_LEVEL`` (read before the settings: an invalid setting must be logged)."""
-    import os
-
-    level = os.environ.get("UFCAL_LOG_LEVEL", "info").strip().lower() or "info"
+    """``UFCAL_LOG_LEVEL`` (from the environment or ``.env``), checked."""
+    level = load_settings().log_level.strip().lower()
     if level not in _LEVELS:
         raise ArgumentError(f"invalid setting: UFCAL_LOG_LEVEL: one of {', '.join(_LEVELS)}")
     return level
