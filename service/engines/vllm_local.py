@@ -105,6 +105,8 @@ class LocalVLLMEngine:
             # A letter read asks for both forms of every option letter; vLLM's default cap
             # (20) refused questions of 11 options or more.
             max_logprobs=max(20, max_letter_logprobs(cfg.max_options)),
+            # the weights' progress bar is not a log line; "Loading weights took" says it
+            use_tqdm_on_load=False,
         )
         try:
             self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
