@@ -25,7 +25,7 @@ CASES: list[tuple[int, str, dict[str, Any]]] = [
     (10, "logprobs", {"max_prompts": 12}),
     (11, "logprobs", {"max_prompts": 12}),
     (13, "logprobs", {"max_prompts": 12}),
-    (26, "logprobs", {}),  # the default budget: at most 64 prompts
+    (26, "logprobs", {"max_prompts": 16}),
     (26, "sampling", {"samples": 3, "max_prompts": 6}),
 ]
 
