@@ -19,13 +19,19 @@ from service.config import Settings
 
 def _serve(args: argparse.Namespace) -> int:
     from service.api.app import create_app
+    from service.recalibration import CalibratorFileError
     from service.telemetry import configure_logging
 
     settings = Settings()
     configure_logging(settings.log_level)
     host = args.host or settings.host
     port = args.port or settings.port
-    return run_server(create_app(settings), settings, host, port)
+    try:
+        app = create_app(settings)
+    except CalibratorFileError as exc:
+        print(f"error: UFCAL_CALIBRATORS: {exc}", file=sys.stderr)
+        return 2
+    return run_server(app, settings, host, port)
 
 
 def run_server(app: Any, settings: Settings, host: str, port: int) -> int:

@@ -104,6 +104,33 @@ class Settings(BaseSettings):
         default=10, ge=1, le=100, description="Live calibration: equal-width confidence bins."
     )
 
+    # Recalibration (docs: README, "Recalibration")
+    calibrators: str = Field(
+        default="",
+        description="Comma-separated calibrator files (ufcal calibrate) loaded at start.",
+    )
+    recalibrate: Literal["off", "online"] = Field(
+        default="off", description="online: refit calibrators from /feedback labels."
+    )
+    recalibrate_every: int = Field(
+        default=100, ge=1, description="Refit a key after this many new labels."
+    )
+    recalibrate_min_labels: int = Field(
+        default=100, ge=2, description="No calibrator below this many labels for a key."
+    )
+    recalibrate_min_class: int = Field(
+        default=20, ge=2, description="No calibrator with fewer right (or wrong) answers."
+    )
+    recalibrate_max_source_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Largest share of a fit's labels one API key may hold (the rest is left out).",
+    )
+    calibrator_refresh_s: float = Field(
+        default=30.0, gt=0, description="How often active calibrators are re-read from the store."
+    )
+
     # HTTP
     max_batch_size: int = Field(default=256, ge=1, description="Items in one /score/batch.")
     host: str = "127.0.0.1"
@@ -126,6 +153,10 @@ class Settings(BaseSettings):
         description="Comma-separated API keys (bearer tokens); empty = no authentication.",
     )
     metrics_auth: bool = Field(default=False, description="/metrics also needs an API key.")
+    feedback_keys: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated API keys allowed to send /feedback; empty = any key.",
+    )
 
     # Backpressure, deadlines, engine faults, shutdown
     max_concurrency: int = Field(
@@ -157,6 +188,16 @@ class Settings(BaseSettings):
         if self.api_keys is None:
             return []
         return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
+    def feedback_key_list(self) -> list[str]:
+        """The keys allowed to send /feedback (empty: every accepted key)."""
+        if self.feedback_keys is None:
+            return []
+        return [k.strip() for k in self.feedback_keys.get_secret_value().split(",") if k.strip()]
+
+    def calibrator_files(self) -> list[Path]:
+        """The calibrator files to load at start."""
+        return [Path(f.strip()) for f in self.calibrators.split(",") if f.strip()]
 
     @cached_property
     def engine_urls(self) -> list[str]:

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from service.api import security
 from service.api.admission import Admission, DeadlineExceeded, Overloaded
+from service.api.calibrators import serving as calibrators_serving
 from service.api.common import AppState, ServiceUnavailable, app_state, error_response, one_line
 from service.api.feedback import serving as feedback_serving
 from service.api.limits import BodySizeLimit, document_body_errors
@@ -24,6 +25,7 @@ from service.api.watchdog import watch_engine
 from service.config import Settings
 from service.engines import build_engine
 from service.engines.base import Engine
+from service.recalibration import load_calibrator_files
 from service.telemetry import Telemetry
 
 log = logging.getLogger("ufcal")
@@ -47,6 +49,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     """Build the app. Without ``engine`` the settings select and start one in the
     background, so /healthz answers while the model loads and /readyz says when it is up."""
     settings = settings or Settings()
+    # Calibrator files are checked now, before any engine starts (CalibratorFileError).
+    imported = load_calibrator_files(settings.calibrator_files())
     state = AppState(
         settings=settings,
         telemetry=Telemetry(),
@@ -86,13 +90,21 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await feedback_serving.open_store(state)  # scores, feedback, live calibration
+        # scores, feedback, live calibration, calibrators
+        await feedback_serving.open_store(state, imported)
         state.engine_task = asyncio.create_task(start_engine())
+        refresh = (
+            asyncio.create_task(state.recalibrator.refresh_every(settings.calibrator_refresh_s))
+            if state.recalibrator is not None
+            else None
+        )
         freeze_heap()
         watchdog = asyncio.create_task(watch_engine(state, settings.health_interval_s, on_fatal))
         try:
             yield
         finally:
+            if refresh is not None:
+                refresh.cancel()
             await feedback_serving.close_store(state)
             watchdog.cancel()
             state.engine_task.cancel()
@@ -131,6 +143,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app.include_router(score_serving.router)
     app.include_router(feedback_serving.router)
+    app.include_router(calibrators_serving.router)
 
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz() -> HealthResponse:

@@ -14,6 +14,7 @@ from service.api.admission import Admission, DeadlineExceeded, Overloaded
 from service.calibration.prompts import PromptTemplate
 from service.config import Settings
 from service.engines.base import Engine, EngineError, EngineFeatureMissing, EngineUnavailable
+from service.recalibration import Recalibrator
 from service.scoring import Unscorable
 from service.store import Store
 from service.telemetry import Telemetry
@@ -70,6 +71,7 @@ class AppState:
     engine_error: str | None = None
     engine_task: asyncio.Task[None] | None = field(default=None, repr=False)
     store: Store | None = field(default=None, repr=False)
+    recalibrator: Recalibrator | None = field(default=None, repr=False)
     admission: Admission = field(default_factory=lambda: Admission(16, 64), repr=False)
     exit_code: int = 0  # non-zero: the engine died, the process exits with it
 

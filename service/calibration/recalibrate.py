@@ -20,6 +20,7 @@ float operations over the stored parameters: no scikit-learn on the request path
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ __all__ = [
     "CalibratorError",
     "FitPolicy",
     "FitResult",
+    "RefitDecision",
     "apply",
     "apply_many",
     "cap_sources",
@@ -43,6 +45,7 @@ __all__ = [
     "fit",
     "fit_kind",
     "log_loss",
+    "refit",
     "score_metrics",
 ]
 
@@ -57,6 +60,8 @@ PROB_CLIP = 1e-3
 _LOGISTIC_C = 1e4
 
 FloatArray = npt.NDArray[np.float64]
+#: Right (True / 1) or wrong (False / 0) per score.
+Labels = Sequence[bool] | npt.NDArray[Any]
 
 
 class CalibratorError(ValueError):
@@ -83,9 +88,9 @@ class Calibrator:
             x, y = _floats(self.params, "x"), _floats(self.params, "y")
             if len(x) != len(y) or not x:
                 raise CalibratorError("isotonic: x and y must be non-empty and of equal length")
-            if any(b < a for a, b in zip(x, x[1:], strict=False)):
+            if any(b < a for a, b in itertools.pairwise(x)):
                 raise CalibratorError("isotonic: x must be sorted")
-            if any(b < a for a, b in zip(y, y[1:], strict=False)):
+            if any(b < a for a, b in itertools.pairwise(y)):
                 raise CalibratorError("isotonic: y must be non-decreasing")
             if any(not 0.0 <= v <= 1.0 for v in (*x, *y)):
                 raise CalibratorError("isotonic: x and y must lie in [0, 1]")
@@ -202,7 +207,7 @@ class FitPolicy:
 
 
 def _arrays(
-    scores: Sequence[float] | FloatArray, correct: Sequence[bool] | npt.NDArray[np.bool_]
+    scores: Sequence[float] | FloatArray, correct: Labels
 ) -> tuple[FloatArray, npt.NDArray[np.int64]]:
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(correct).astype(np.int64)
@@ -224,7 +229,7 @@ def _logistic(features: FloatArray, y: npt.NDArray[np.int64]) -> tuple[FloatArra
 def fit_kind(
     kind: Kind,
     scores: Sequence[float] | FloatArray,
-    correct: Sequence[bool] | npt.NDArray[np.bool_],
+    correct: Labels,
 ) -> Calibrator:
     """Fit one kind of calibrator on all the given labels (both classes must be present)."""
     s, y = _arrays(scores, correct)
@@ -260,7 +265,7 @@ def _base_logit(y: npt.NDArray[np.int64]) -> float:
     return math.log(rate / (1.0 - rate))
 
 
-def log_loss(probabilities: Sequence[float] | FloatArray, correct: Sequence[bool]) -> float:
+def log_loss(probabilities: Sequence[float] | FloatArray, correct: Labels) -> float:
     """Mean negative log-likelihood, probabilities clipped to [PROB_CLIP, 1 - PROB_CLIP] (so
     a raw score of exactly 0 or 1 is comparable with a calibrated one)."""
     from sklearn.metrics import log_loss as sk_log_loss
@@ -270,7 +275,7 @@ def log_loss(probabilities: Sequence[float] | FloatArray, correct: Sequence[bool
 
 
 def score_metrics(
-    probabilities: Sequence[float] | FloatArray, correct: Sequence[bool], n_bins: int = 10
+    probabilities: Sequence[float] | FloatArray, correct: Labels, n_bins: int = 10
 ) -> dict[str, float | None]:
     """ECE, Brier, log-loss and AUROC of probabilities against labels."""
     p = np.asarray(probabilities, dtype=np.float64)
@@ -316,12 +321,12 @@ class FitResult:
     negatives: int
     before: dict[str, float | None]
     after: dict[str, float | None]
-    cv_log_loss: dict[str, float]
+    cv_log_loss: dict[Kind, float]
 
 
 def fit(
     scores: Sequence[float] | FloatArray,
-    correct: Sequence[bool] | npt.NDArray[np.bool_],
+    correct: Labels,
     policy: FitPolicy | None = None,
 ) -> FitResult | None:
     """Choose and fit a calibrator by cross-validated log-loss; ``None`` below the policy's
@@ -349,7 +354,7 @@ def fit(
 
 def cross_fit(
     scores: Sequence[float] | FloatArray,
-    correct: Sequence[bool] | npt.NDArray[np.bool_],
+    correct: Labels,
     policy: FitPolicy | None = None,
 ) -> FloatArray | None:
     """Recalibrated scores by K-fold cross-fitting: each row's value comes from a calibrator
@@ -397,7 +402,7 @@ def cap_sources(
     # from above: lowering one source lowers the total, which lowers every cap.
     total = n
     while True:
-        cap = int(math.floor(max_share * total + 1e-9))
+        cap = math.floor(max_share * total + 1e-9)
         allowed = {s: min(c, cap) for s, c in counts.items()}
         new_total = unsourced + sum(allowed.values())
         if new_total == total:
@@ -412,3 +417,53 @@ def cap_sources(
         if seen[src] > allowed[src]:
             keep[i] = False
     return keep, int(n - keep.sum())
+
+
+@dataclass(frozen=True)
+class RefitDecision:
+    """The outcome of a refit: the calibrator fitted on the whole window (``None`` below the
+    minimum), and whether it may replace the active one, judged on the newest labels."""
+
+    result: FitResult | None
+    promote: bool
+    holdout: int = 0
+    candidate_log_loss: float | None = None
+    active_log_loss: float | None = None
+
+
+def refit(
+    scores: Sequence[float] | FloatArray,
+    correct: Labels,
+    active: Calibrator | None,
+    policy: FitPolicy | None = None,
+    holdout_share: float = 0.2,
+) -> RefitDecision:
+    """Refit on a window (oldest label first) and decide on promotion.
+
+    The newest ``holdout_share`` of the window is held out: a calibrator is chosen and fitted
+    (the same procedure) on the older labels only, and the new version may be promoted only
+    if its log-loss on the held-out newest labels is no worse than the active calibrator's
+    (or the raw score's, when none is active). The version kept is then fitted on the whole
+    window. A candidate that loses is returned with ``promote=False`` (stored as rejected)."""
+    policy = policy or FitPolicy()
+    s, y = _arrays(scores, correct)
+    full = fit(s, y.astype(bool), policy)
+    if full is None:
+        return RefitDecision(None, False)
+    n_hold = max(1, math.ceil(holdout_share * s.size))
+    train_s, train_y = s[:-n_hold], y[:-n_hold]
+    hold_s, hold_y = s[-n_hold:], y[-n_hold:].astype(bool)
+    inner = FitPolicy(
+        min_labels=1,
+        min_class=policy.folds,
+        isotonic_min=policy.isotonic_min,
+        isotonic_min_class=policy.isotonic_min_class,
+        folds=policy.folds,
+        seed=policy.seed,
+    )
+    early = fit(train_s, train_y.astype(bool), inner)
+    if early is None:  # the older labels alone are too one-sided to judge a candidate
+        return RefitDecision(full, False, n_hold)
+    candidate = log_loss(apply_many(early.calibrator, hold_s), hold_y)
+    current = log_loss(hold_s if active is None else apply_many(active, hold_s), hold_y)
+    return RefitDecision(full, candidate <= current + 1e-12, n_hold, candidate, current)

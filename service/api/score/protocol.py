@@ -84,12 +84,31 @@ class UsageOut(BaseModel):
     completion_tokens: int
 
 
+class CalibratorOut(BaseModel):
+    """The calibrator that mapped the raw score to the returned confidence."""
+
+    version: int = Field(description="Its version for this (model, method, mode).")
+    kind: Literal["platt", "beta", "isotonic"]
+    labels: int = Field(description="Labels it was fitted on.")
+
+
 class ScoreResponse(BaseModel):
     """The answer, its calibrated confidence and every part behind it."""
 
     id: str
     answer: AnswerOut
-    confidence: float = Field(ge=0, le=1, description="(1 - uncertainty) x fidelity[answer].")
+    confidence: float = Field(
+        ge=0,
+        le=1,
+        description="The confidence to trust: the active calibrator's P(correct) of the raw "
+        "score when one is active for this (model, method, mode), else the raw score.",
+    )
+    raw_confidence: float = Field(
+        ge=0, le=1, description="The method's own score, e.g. (1 - uncertainty) x fidelity."
+    )
+    calibrator: CalibratorOut | None = Field(
+        description="The calibrator applied to raw_confidence; null: none is active."
+    )
     uncertainty: float = Field(ge=0, le=1, description="Normalised entropy of the answers.")
     distribution: dict[str, float] = Field(description="P(option) by label.")
     fidelity: dict[str, float] = Field(description="F(option) by label.")
