@@ -159,6 +159,12 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_command(args)
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from service.evaluation.calibrate import calibrate_command
+
+    return calibrate_command(args)
+
+
 def _model(args: argparse.Namespace) -> int:
     from service.engines.embedded import prepare_embedded_model
 
@@ -233,7 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--bins", type=int, default=10, help="number of equal-width bins")
     metrics.set_defaults(func=_metrics)
 
+    from service.evaluation.calibrate import add_calibrate_arguments
     from service.evaluation.command import add_eval_arguments
+
+    cal = sub.add_parser(
+        "calibrate", help="fit calibrators from a labelled results file; before/after table"
+    )
+    add_calibrate_arguments(cal)
+    cal.set_defaults(func=_calibrate)
 
     ev = sub.add_parser(
         "eval", help="calibration of chosen methods over MCQA files: table and diagrams"
