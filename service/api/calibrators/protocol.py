@@ -10,8 +10,12 @@ from pydantic import BaseModel, Field
 class CalibratorMetrics(BaseModel):
     """Cross-validated metrics of the raw score (before) and the calibrated one (after)."""
 
-    before: dict[str, float | None] = Field(description="ece, brier, log_loss, auroc.")
-    after: dict[str, float | None] = Field(description="ece, brier, log_loss, auroc.")
+    before: dict[str, float | None] = Field(
+        default_factory=dict, description="ece, brier, log_loss, auroc (empty if unknown)."
+    )
+    after: dict[str, float | None] = Field(
+        default_factory=dict, description="ece, brier, log_loss, auroc (empty if unknown)."
+    )
     holdout: dict[str, Any] | None = Field(
         default=None,
         description="Online refits: log-loss of the candidate and of the active calibrator "
