@@ -143,6 +143,9 @@ def exported() -> tuple[set[str], set[str]]:
     t.observe_feedback(False)
     t.set_engine_up(True)
     t.set_live_calibration(_Report())
+    t.set_live_calibration(_Report(), "raw")
+    t.set_calibrator(("m", "uf", "logprobs"), 1, 100)
+    t.observe_refit("promoted", 0.1)
     with t.in_flight():
         pass
     samples: set[str] = set()
@@ -397,7 +400,8 @@ def test_alerts_required_rules() -> None:
     assert "ufcal_engine_up == 0" in rules["UfcalEngineDown"]
     assert 'status=~"5.."' in rules["UfcalHighErrorRate"] and "0.05" in rules["UfcalHighErrorRate"]
     drift = rules["UfcalCalibrationDrift"]
-    assert "ufcal_live_ece > 0.15" in drift and "ufcal_live_window_size" in drift
+    assert 'ufcal_live_ece{confidence="returned"} > 0.15' in drift
+    assert "ufcal_live_window_size" in drift
 
 
 ALERT_TESTS = """
@@ -443,19 +447,24 @@ tests:
         exp_alerts: []
   - interval: 1m
     input_series:
-      - series: 'ufcal_live_ece{{instance="a:8000", job="ufcal"}}'
+      - series: 'ufcal_live_ece{{instance="a:8000", job="ufcal", confidence="returned"}}'
         values: '0.2x30'
-      - series: 'ufcal_live_window_size{{instance="a:8000", job="ufcal"}}'
+      - series: 'ufcal_live_window_size{{instance="a:8000", job="ufcal", confidence="returned"}}'
         values: '500x30'
-      - series: 'ufcal_live_ece{{instance="b:8000", job="ufcal"}}'
+      - series: 'ufcal_live_ece{{instance="b:8000", job="ufcal", confidence="returned"}}'
         values: '0.3x30'
-      - series: 'ufcal_live_window_size{{instance="b:8000", job="ufcal"}}'
+      - series: 'ufcal_live_window_size{{instance="b:8000", job="ufcal", confidence="returned"}}'
         values: '20x30'
+      - series: 'ufcal_live_ece{{instance="c:8000", job="ufcal", confidence="raw"}}'
+        values: '0.3x30'
+      - series: 'ufcal_live_window_size{{instance="c:8000", job="ufcal", confidence="raw"}}'
+        values: '500x30'
     alert_rule_test:
       - eval_time: 20m
         alertname: UfcalCalibrationDrift
         exp_alerts:
-          - exp_labels: {{severity: warning, instance: "a:8000", job: ufcal}}
+          - exp_labels:
+              {{severity: warning, instance: "a:8000", job: ufcal, confidence: returned}}
 """
 
 
