@@ -130,6 +130,9 @@ def promql(base_url: str, query: str) -> list[dict[str, Any]]:
     return result
 
 
+RETURNED = 'ufcal_live_{}{{confidence="returned"}}'
+
+
 def scalar(base_url: str, query: str) -> float | None:
     """The value of a one-series query, or None while it has no series."""
     result = promql(base_url, query)
@@ -169,13 +172,15 @@ def test_prometheus_scrapes_requests_and_live_calibration(
             assert series[0]["metric"]["instance"] == f"127.0.0.1:{ufcal.port}"
 
             wait_for(
-                lambda: scalar(prom_url, "ufcal_live_window_size") == len(correct),
+                lambda: scalar(prom_url, RETURNED.format("window_size")) == len(correct),
                 30,
                 "ufcal_live_window_size after feedback",
             )
             for name in ("ece", "accuracy", "brier", "ipr", "ce"):
-                got = scalar(prom_url, f"ufcal_live_{name}")
+                got = scalar(prom_url, RETURNED.format(name))
                 assert got == pytest.approx(calibration[name], abs=1e-9), name
+                raw = scalar(prom_url, f'ufcal_live_{name}{{confidence="raw"}}')
+                assert raw == pytest.approx(calibration["raw"][name], abs=1e-9), name
             feedback = {
                 s["metric"]["outcome"]: float(s["value"][1])
                 for s in promql(prom_url, "ufcal_feedback_total")
@@ -183,7 +188,7 @@ def test_prometheus_scrapes_requests_and_live_calibration(
             assert feedback == {"correct": 3.0, "wrong": 2.0}
             bins = {
                 s["metric"]["bin"]: float(s["value"][1])
-                for s in promql(prom_url, "ufcal_live_bin_count")
+                for s in promql(prom_url, RETURNED.format("bin_count"))
             }
             assert sum(bins.values()) == len(correct)
             assert len(bins) == calibration["n_bins"]
@@ -221,7 +226,7 @@ def test_feedback_survives_restart(tmp_path: Path) -> None:
     assert after == before and after["n"] == 4
     assert again.status_code == 409
     assert late.status_code == 201 and late.json()["window_size"] == 5
-    assert "ufcal_live_window_size 4.0" in metrics
+    assert 'ufcal_live_window_size{confidence="returned"} 4.0' in metrics
 
 
 def test_acknowledged_feedback_survives_kill_9(tmp_path: Path) -> None:
