@@ -107,13 +107,14 @@ def split_cores() -> tuple[set[int], set[int]] | None:
 
 
 @contextlib.contextmanager
-def instant_server(cores: set[int] | None = None) -> Any:
-    """Run ``serve_instant`` in a subprocess (on ``cores`` if given); yield its base URL."""
+def instant_server(cores: set[int] | None = None, env: dict[str, str] | None = None) -> Any:
+    """Run ``serve_instant`` in a subprocess (on ``cores`` if given, with ``env`` over the
+    environment); yield its base URL."""
     port = _free_port()
     # A throwaway database: the store's writes are part of the overhead, its rows are not
     # worth keeping.
     db_dir = tempfile.mkdtemp(prefix="ufcal-bench-")
-    env = {**os.environ, "UFCAL_DB_PATH": os.path.join(db_dir, "bench.db")}
+    env = {**os.environ, "UFCAL_DB_PATH": os.path.join(db_dir, "bench.db"), **(env or {})}
     # The log lines are formatted and written as in production, then dropped.
     process = subprocess.Popen(
         [sys.executable, "-m", "service.bench.overhead", str(port)],

@@ -268,10 +268,9 @@ def _base_logit(y: npt.NDArray[np.int64]) -> float:
 def log_loss(probabilities: Sequence[float] | FloatArray, correct: Labels) -> float:
     """Mean negative log-likelihood, probabilities clipped to [PROB_CLIP, 1 - PROB_CLIP] (so
     a raw score of exactly 0 or 1 is comparable with a calibrated one)."""
-    from sklearn.metrics import log_loss as sk_log_loss
-
     p = np.clip(np.asarray(probabilities, dtype=np.float64), PROB_CLIP, 1.0 - PROB_CLIP)
-    return float(sk_log_loss(np.asarray(correct).astype(np.int64), p, labels=[0, 1]))
+    y = np.asarray(correct).astype(bool)
+    return float(-np.mean(np.where(y, np.log(p), np.log1p(-p))))
 
 
 def score_metrics(
@@ -440,11 +439,12 @@ def refit(
 ) -> RefitDecision:
     """Refit on a window (oldest label first) and decide on promotion.
 
-    The newest ``holdout_share`` of the window is held out: a calibrator is chosen and fitted
-    (the same procedure) on the older labels only, and the new version may be promoted only
-    if its log-loss on the held-out newest labels is no worse than the active calibrator's
-    (or the raw score's, when none is active). The version kept is then fitted on the whole
-    window. A candidate that loses is returned with ``promote=False`` (stored as rejected)."""
+    The kind is chosen by cross-validated log-loss on the whole window (``fit``). The newest
+    ``holdout_share`` of the window is held out: that kind, fitted on the older labels only,
+    must have a log-loss on the held-out newest labels no worse than the active calibrator's
+    (or the raw score's, when none is active) for the new version to be promoted. The version
+    kept is the one fitted on the whole window. A candidate that loses is returned with
+    ``promote=False`` (stored as rejected)."""
     policy = policy or FitPolicy()
     s, y = _arrays(scores, correct)
     full = fit(s, y.astype(bool), policy)
@@ -453,17 +453,9 @@ def refit(
     n_hold = max(1, math.ceil(holdout_share * s.size))
     train_s, train_y = s[:-n_hold], y[:-n_hold]
     hold_s, hold_y = s[-n_hold:], y[-n_hold:].astype(bool)
-    inner = FitPolicy(
-        min_labels=1,
-        min_class=policy.folds,
-        isotonic_min=policy.isotonic_min,
-        isotonic_min_class=policy.isotonic_min_class,
-        folds=policy.folds,
-        seed=policy.seed,
-    )
-    early = fit(train_s, train_y.astype(bool), inner)
-    if early is None:  # the older labels alone are too one-sided to judge a candidate
+    if train_y.min() == train_y.max():  # the older labels alone cannot judge a candidate
         return RefitDecision(full, False, n_hold)
-    candidate = log_loss(apply_many(early.calibrator, hold_s), hold_y)
+    early = fit_kind(full.calibrator.kind, train_s, train_y)
+    candidate = log_loss(apply_many(early, hold_s), hold_y)
     current = log_loss(hold_s if active is None else apply_many(active, hold_s), hold_y)
     return RefitDecision(full, candidate <= current + 1e-12, n_hold, candidate, current)
