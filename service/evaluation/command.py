@@ -156,9 +156,13 @@ def render_report(
     transfer: Sequence[Transfer] = (),
 ) -> str:
     """The Markdown report: command, set-up, wall time, table, parse rates, diagrams."""
+    # Questions with rows in the file (a run stopped early, or --no-run over part of the
+    # selection, reports what was scored, not what was asked for).
+    scored = {(str(r["dataset"]), str(r["id"])) for r in rows}
     per_dataset: dict[str, int] = {}
     for item in items:
-        per_dataset[item.dataset] = per_dataset.get(item.dataset, 0) + 1
+        if (item.dataset, item.id) in scored:
+            per_dataset[item.dataset] = per_dataset.get(item.dataset, 0) + 1
     models = sorted({str(r["model"]) for r in rows if "model" in r})
     wall = wall_time_s(rows)
     out = [
@@ -302,7 +306,9 @@ def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
     transfer: list[Transfer] = []
     if not args.no_recalibration:
         recal = recalibrated(summaries, rows, args.bins)
-        transfer = transfers(rows, methods, [s.dataset for s in summaries], args.bins)
+        transfer = transfers(
+            rows, methods, list(dict.fromkeys(s.dataset for s in summaries)), args.bins
+        )
         print("\nRecalibrated (5-fold cross-fitting within each dataset):\n")
         print(recalibrated_table(recal), end="")
         print("\nTransfer (fit on one dataset, apply to another):\n")

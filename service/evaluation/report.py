@@ -321,7 +321,9 @@ def transfers(
     for method, mode in keys:
         if methods and method not in methods:
             continue
-        names = _order((k[0] for k in groups if k[1:] == (method, mode)), datasets)
+        names = list(
+            dict.fromkeys(_order((k[0] for k in groups if k[1:] == (method, mode)), datasets))
+        )
         fitted = {}
         for name in names:
             group = groups[(name, method, mode)]
