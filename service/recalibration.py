@@ -26,7 +26,13 @@ from typing import Any
 import numpy as np
 
 from service.calibration import recalibrate
-from service.calibration.recalibrate import Calibrator, CalibratorError, FitPolicy, RefitDecision
+from service.calibration.recalibrate import (
+    Calibrator,
+    CalibratorError,
+    FitPolicy,
+    FitResult,
+    RefitDecision,
+)
 from service.store import CalibratorKey, CalibratorRecord, FeedbackRecord, LabelRow, Store
 from service.telemetry import Telemetry
 
@@ -38,6 +44,7 @@ __all__ = [
     "Recalibrator",
     "load_calibrator_file",
     "load_calibrator_files",
+    "record_from_fit",
     "source_id",
     "write_calibrator_file",
 ]
@@ -149,6 +156,33 @@ def record_to_json(record: CalibratorRecord) -> dict[str, Any]:
         "fitted_at": record.fitted_at,
         "status": record.status,
     }
+
+
+def record_from_fit(
+    key: CalibratorKey,
+    result: FitResult,
+    *,
+    window: dict[str, Any],
+    metrics: dict[str, Any],
+    status: str,
+    version: int = 0,
+) -> CalibratorRecord:
+    """A fitted calibrator as a stored version (``version`` 0: the store numbers it)."""
+    return CalibratorRecord(
+        model=key[0],
+        method=key[1],
+        mode=key[2],
+        version=version,
+        kind=result.calibrator.kind,
+        params=dict(result.calibrator.params),
+        labels=result.labels,
+        positives=result.positives,
+        negatives=result.negatives,
+        window=window,
+        metrics=metrics,
+        fitted_at=time.time(),
+        status=status,
+    )
 
 
 def load_calibrator_file(path: Path) -> list[CalibratorRecord]:
@@ -369,19 +403,11 @@ class Recalibrator:
             },
         }
         record = await self.store.save_calibrator(
-            CalibratorRecord(
-                model=key[0],
-                method=key[1],
-                mode=key[2],
-                version=0,
-                kind=result.calibrator.kind,
-                params=dict(result.calibrator.params),
-                labels=result.labels,
-                positives=result.positives,
-                negatives=result.negatives,
+            record_from_fit(
+                key,
+                result,
                 window=window,
                 metrics=metrics,
-                fitted_at=time.time(),
                 status="active" if decision.promote else "rejected",
             )
         )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -218,10 +219,25 @@ def _arrays(
     return s, y
 
 
-def _logistic(features: FloatArray, y: npt.NDArray[np.int64]) -> tuple[FloatArray, float]:
-    from sklearn.linear_model import LogisticRegression
+_IMPORT_LOCK = threading.Lock()
 
-    model = LogisticRegression(C=_LOGISTIC_C, solver="newton-cholesky", max_iter=100)
+
+def _sklearn() -> Any:
+    """scikit-learn's modules, imported on first use (a second or more: not at start-up of
+    every command) under a lock: two threads importing it at once (a warm-up and a refit)
+    fail with a circular import."""
+    with _IMPORT_LOCK:
+        import sklearn.isotonic
+        import sklearn.linear_model
+        import sklearn.model_selection
+
+        return sklearn
+
+
+def _logistic(features: FloatArray, y: npt.NDArray[np.int64]) -> tuple[FloatArray, float]:
+    model = _sklearn().linear_model.LogisticRegression(
+        C=_LOGISTIC_C, solver="newton-cholesky", max_iter=100
+    )
     model.fit(features, y)
     return model.coef_[0].astype(np.float64), float(model.intercept_[0])
 
@@ -250,9 +266,9 @@ def fit_kind(
                 a, b, intercept = 0.0, 0.0, _base_logit(y)
         return Calibrator("beta", {"a": float(a), "b": float(b), "c": float(intercept)})
     if kind == "isotonic":
-        from sklearn.isotonic import IsotonicRegression
-
-        iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+        iso = _sklearn().isotonic.IsotonicRegression(
+            y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip"
+        )
         iso.fit(s, y.astype(np.float64))
         xs = [float(v) for v in iso.X_thresholds_]
         ys = [float(v) for v in iso.y_thresholds_]
@@ -290,9 +306,9 @@ def score_metrics(
 def _folds(
     y: npt.NDArray[np.int64], folds: int, seed: int
 ) -> list[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]]:
-    from sklearn.model_selection import StratifiedKFold
-
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    splitter = _sklearn().model_selection.StratifiedKFold(
+        n_splits=folds, shuffle=True, random_state=seed
+    )
     return list(splitter.split(np.zeros(y.size), y))
 
 

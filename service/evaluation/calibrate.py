@@ -11,14 +11,13 @@ import argparse
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from service.calibration.recalibrate import FitPolicy, FitResult, fit
-from service.recalibration import METHODS, MODES, write_calibrator_file
-from service.store import CalibratorKey, CalibratorRecord
+from service.recalibration import METHODS, MODES, record_from_fit, write_calibrator_file
+from service.store import CalibratorKey
 
 __all__ = ["add_calibrate_arguments", "calibrate_command", "read_labelled"]
 
@@ -164,21 +163,13 @@ def calibrate_command(args: argparse.Namespace) -> int:
         key: (data, fit(data.scores, data.correct, policy)) for key, data in labelled.items()
     }
     print(_table(results), end="")
-    now = time.time()
     records = [
-        CalibratorRecord(
-            model=key[0],
-            method=key[1],
-            mode=key[2],
+        record_from_fit(
+            key,
+            result,
             version=1,
-            kind=result.calibrator.kind,
-            params=dict(result.calibrator.params),
-            labels=result.labels,
-            positives=result.positives,
-            negatives=result.negatives,
             window={"n": result.labels, "source": str(path)},
             metrics={"before": result.before, "after": result.after},
-            fitted_at=now,
             status="active",
         )
         for key, (_, result) in results.items()
