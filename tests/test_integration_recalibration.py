@@ -23,6 +23,7 @@ N_LABELS = 20
 def ufcal_online(vllm: ServerProcess, server_logs: Path) -> Iterator[ServerProcess]:
     env = {
         **CORRECTNESS_ENV,
+        "UFCAL_ENGINE_TIMEOUT_S": "600",  # correctness, not latency (as CORRECTNESS_ENV)
         "UFCAL_ENGINE_URL": vllm.base_url,
         "UFCAL_DB_PATH": str(server_logs / "ufcal-online.db"),
         "UFCAL_RECALIBRATE": "online",
