@@ -19,24 +19,7 @@ from service.calibration.recalibrate import FitPolicy, FitResult, fit
 from service.recalibration import METHODS, MODES, record_from_fit, write_calibrator_file
 from service.store import CalibratorKey
 
-__all__ = ["add_calibrate_arguments", "calibrate_command", "read_labelled"]
-
-DEFAULT_OUT = "calibrators.json"
-
-
-def add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``ufcal calibrate``."""
-    parser.add_argument("results", help="JSONL with model, method, mode, confidence, correct")
-    parser.add_argument(
-        "--method", default=None, choices=METHODS, help="fit only this method (default: all)"
-    )
-    parser.add_argument(
-        "--out", default=DEFAULT_OUT, help=f"calibrator file (default {DEFAULT_OUT})"
-    )
-    parser.add_argument("--min-labels", type=int, default=100, help="no calibrator below (100)")
-    parser.add_argument(
-        "--min-class", type=int, default=20, help="nor with fewer right or wrong (20)"
-    )
+__all__ = ["calibrate_command", "read_labelled"]
 
 
 @dataclass
