@@ -769,6 +769,8 @@ def test_compose_profiles(compose_cmd: list[str]) -> None:
     devices = vllm["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
     assert gpu_svc["environment"]["UFCAL_ENGINE_URL"] == "http://vllm:8000"
+    assert gpu_svc["build"]["target"] == "client", "the remote-engine role needs no vLLM"
+    assert cpu_svc["build"].get("target") is None and cpu_svc["build"]["args"]["TARGET"] == "cpu"
     command = vllm["command"]
     served = command[command.index("--served-model-name") + 1]
     assert gpu_svc["environment"]["UFCAL_SERVED_MODEL"] == served
