@@ -22,6 +22,7 @@ def client_role_server(log_dir: Path, name: str, engine_url: str) -> ServerProce
         "UFCAL_ENGINE_URL": engine_url,
         "UFCAL_DB_PATH": str(log_dir / f"{name}.db"),
         "UFCAL_ENGINE_RETRY_S": "0",
+        "UFCAL_REQUEST_TIMEOUT_S": "600",  # a loaded CPU box, as for the other vLLM tests
     }
     return ServerProcess(name, [*argv, "--port", str(port)], env, port, log_dir)
 

@@ -285,6 +285,9 @@ def test_dashboard_structure() -> None:
         "engine up",
         "calibration",
         "reliability",
+        "vllm requests waiting",
+        "vllm kv cache",
+        "vllm engine errors",
     ):
         assert needed in titles, needed
     for panel in _panels(d):
