@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     imported = load_calibrator_files(settings.calibrator_files())
     state = AppState(
         settings=settings,
-        telemetry=Telemetry(),
+        telemetry=Telemetry(remote_engines=len(settings.engine_urls)),
         template=settings.prompt_template(),
         admission=Admission(settings.max_concurrency, settings.max_queue),
     )
