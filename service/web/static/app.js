@@ -1,6 +1,6 @@
 // ufcal's built-in page. Plain browser JavaScript, no library, no build step.
 // It talks only to its own origin (the JSON API) and renders every piece of data as text:
-// textContent and setAttribute with fixed attribute names, never innerHTML.
+// textContent and setAttribute with fixed attribute names, never parsed as markup.
 "use strict";
 
 (function () {
