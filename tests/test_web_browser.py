@@ -237,6 +237,70 @@ def test_score_shows_answer_and_chains_and_feedback_moves_the_label_count(
     assert bars  # the reliability diagram draws the labelled bins
 
 
+# Issue 10's additions to the API, as the page expects them (in the browser, over the real
+# replies): /score's raw_confidence and calibrator, /calibration's raw and returned
+# reports, and GET /calibrators.
+_CALIBRATOR_REPLIES_JS = """
+const real = window.fetch;
+const json = (body, status) =>
+  new Response(JSON.stringify(body), {status, headers: {'Content-Type': 'application/json'}});
+const metrics = (ece) => ({ece, brier: 0.2, auroc: 0.7, accuracy: 0.6, ipr: 0, ce: 0.5});
+window.fetch = async (url, options) => {
+  const path = String(url);
+  if (path === '/calibrators') {
+    return json({calibrators: [
+      {model: 'fake-model', method: 'uf', mode: 'logprobs', version: 3, kind: 'platt',
+       params: {a: 1.2, b: -0.3}, labels: 120, positives: 70, negatives: 50, window: 1000,
+       metrics: {before: metrics(0.21), after: metrics(0.04)}, fitted_at: 1796000000,
+       status: 'active'},
+      {model: 'fake-model', method: 'uf', mode: 'logprobs', version: 2, kind: 'isotonic',
+       params: {}, labels: 60, positives: 30, negatives: 30, window: 1000,
+       metrics: {before: metrics(0.25), after: metrics(0.09)}, fitted_at: 1795000000,
+       status: 'retired'}]}, 200);
+  }
+  const response = await real(url, options);
+  if (path !== '/calibration' && path !== '/score') return response;
+  const body = await response.json();
+  if (path === '/calibration' && response.ok) {
+    body.raw = {...body, ece: 0.25};
+    body.returned = {...body, ece: 0.05};
+  }
+  if (path === '/score' && response.ok) {
+    body.raw_confidence = 0.9;
+    body.calibrator = {version: 3, kind: 'platt', labels: 120};
+  }
+  return json(body, response.status);
+};
+"""
+
+
+def test_page_shows_the_calibrator_fields_of_issue_10(
+    driver: WebDriver, server: ServerProcess
+) -> None:
+    added = driver.execute_cdp_cmd(  # before the page's own script, for this test only
+        "Page.addScriptToEvaluateOnNewDocument", {"source": _CALIBRATOR_REPLIES_JS}
+    )
+    try:
+        open_page(driver, server.base_url)
+    finally:
+        driver.execute_cdp_cmd(
+            "Page.removeScriptToEvaluateOnNewDocument", {"identifier": added["identifier"]}
+        )
+    score_in_page(driver, "Which one? p=0.7", ["this", "that"])
+    assert text(driver, "raw-confidence") == "0.900"
+    assert text(driver, "confidence") != "0.900"
+    assert text(driver, "result-calibrator") == "platt v3 (120 labels)"
+    wait(driver, lambda d: "platt v3" in text(d, "calibrator"), "the active calibrator")
+    assert "ECE 0.210 → 0.040" in text(driver, "calibrator")
+    history = driver.find_elements(By.CSS_SELECTOR, "#history-body tr")
+    assert [row.find_elements(By.TAG_NAME, "td")[3].text for row in history] == [
+        "active",
+        "retired",
+    ]
+    ece = driver.find_element(By.XPATH, "//tbody[@id='metrics-body']/tr[th='ECE']")
+    assert [td.text for td in ece.find_elements(By.TAG_NAME, "td")] == ["0.250", "0.050"]
+
+
 @pytest.mark.parametrize(
     ("question", "options", "field"),
     [

@@ -15,6 +15,7 @@
     needKey: false,
     polling: false,
     again: false,
+    noCalibrators: 0, // polls to skip /calibrators after a 404
     lastScore: null, // {id, sentOptions}
   };
 
@@ -502,18 +503,21 @@
       refreshEngine();
       if (state.needKey) return;
       const limit = $("limit").value;
+      // A service without /calibrators (404) is asked again only every 20th poll.
+      const askCalibrators = state.noCalibrators <= 0;
       const [calibration, calibrators, scores] = await Promise.all([
         api("/calibration"),
-        api("/calibrators"),
+        askCalibrators ? api("/calibrators") : Promise.resolve(null),
         api(`/scores?limit=${encodeURIComponent(limit)}`),
       ]);
+      state.noCalibrators = calibrators && calibrators.status === 404 ? 20 : state.noCalibrators - 1;
       if (calibration.ok) {
         renderCalibration(calibration.body);
         $("live-error").textContent = "";
       } else if (calibration.status !== 401) {
         $("live-error").textContent = `${calibration.status || "error"}: ${calibration.message}`;
       }
-      if (calibrators.status !== 401) renderCalibrators(calibrators);
+      if (calibrators && calibrators.status !== 401) renderCalibrators(calibrators);
       if (scores.ok) {
         renderScores(scores.body);
         $("scores-error").textContent = "";
