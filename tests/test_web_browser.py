@@ -252,7 +252,7 @@ const json = (body, status) =>
   new Response(JSON.stringify(body), {status, headers: {'Content-Type': 'application/json'}});
 const metrics = (ece) => ({ece, brier: 0.2, auroc: 0.7, accuracy: 0.6, ipr: 0, ce: 0.5});
 window.fetch = async (url, options) => {
-  const path = String(url);
+  const path = new URL(String(url), location.href).pathname;
   if (path === '/calibrators') {
     return json({calibrators: [
       {model: 'fake-model', method: 'uf', mode: 'logprobs', version: 3, kind: 'platt',

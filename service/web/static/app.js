@@ -59,13 +59,16 @@
     return status ? `HTTP ${status}` : "the service is unreachable";
   }
 
+  // Paths are resolved against the page's own URL, so the page also works behind a proxy
+  // that serves the service under a path prefix (open it as /prefix/).
   async function api(path, method = "GET", payload = undefined) {
+    const url = new URL(path.replace(/^\//, ""), document.baseURI);
     const headers = { Accept: "application/json" };
     if (payload !== undefined) headers["Content-Type"] = "application/json";
     if (state.key) headers.Authorization = `Bearer ${state.key}`;
     let response;
     try {
-      response = await fetch(path, {
+      response = await fetch(url, {
         method,
         headers,
         body: payload === undefined ? undefined : JSON.stringify(payload),
