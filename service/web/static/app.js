@@ -495,6 +495,16 @@
     }
   }
 
+  // Re-render a part only when its data changed: the DOM (and a button under the pointer)
+  // stays put between polls.
+  const rendered = {};
+  function changed(part, data) {
+    const json = JSON.stringify(data);
+    if (rendered[part] === json) return false;
+    rendered[part] = json;
+    return true;
+  }
+
   async function refresh() {
     if (state.polling) {
       state.again = true; // e.g. feedback during a poll: poll once more right after it
@@ -515,14 +525,18 @@
       ]);
       state.noCalibrators = calibrators && calibrators.status === 404 ? 20 : state.noCalibrators - 1;
       if (calibration.ok) {
-        renderCalibration(calibration.body);
+        if (changed("calibration", calibration.body)) renderCalibration(calibration.body);
         $("live-error").textContent = "";
       } else if (calibration.status !== 401) {
         $("live-error").textContent = `${calibration.status || "error"}: ${calibration.message}`;
       }
-      if (calibrators && calibrators.status !== 401) renderCalibrators(calibrators);
+      if (calibrators && calibrators.status !== 401) {
+        if (changed("calibrators", [calibrators.status, calibrators.body])) {
+          renderCalibrators(calibrators);
+        }
+      }
       if (scores.ok) {
-        renderScores(scores.body);
+        if (changed("scores", scores.body)) renderScores(scores.body);
         $("scores-error").textContent = "";
       } else if (scores.status !== 401) {
         $("scores-error").textContent = `${scores.status || "error"}: ${scores.message}`;
