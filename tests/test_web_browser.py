@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from tests.browser import (
     small_png,
     start_chromium,
 )
-from tests.servers import ServerProcess, free_port, running
+from tests.servers import ServerProcess, free_port, missing_tool, running
 
 KEY = "web-test-key-0123456789"
 WAIT_S = 30.0
@@ -45,10 +44,7 @@ def _require_chromium() -> None:
         "chromium / chromium-driver are not installed: browser tests SKIPPED "
         "(make tools installs them: apt-get install chromium chromium-driver)"
     )
-    if os.environ.get("UFCAL_REQUIRE_DEPLOY_TOOLS", "") not in ("", "0"):
-        pytest.fail(msg)
-    warnings.warn(msg, stacklevel=2)
-    pytest.skip(msg)
+    missing_tool(msg)
 
 
 @pytest.fixture(scope="module")
