@@ -137,6 +137,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: str = "info"
     log_text: bool = Field(default=False, description="Log question and option text.")
+    ui: bool = Field(default=True, description="Serve the web page at / (UFCAL_UI=off removes it).")
 
     # Limits: each refusal is a 4xx naming the limit (docs/reliability.md)
     max_body_bytes: int = Field(
