@@ -17,7 +17,9 @@ from pydantic import BaseModel
 from service.api import security
 from service.api.admission import Admission, DeadlineExceeded, Overloaded
 from service.api.common import AppState, ServiceUnavailable, app_state, error_response, one_line
+from service.api.errors import install_error_handlers
 from service.api.feedback import serving as feedback_serving
+from service.api.json_body import StrictJSONRoute
 from service.api.limits import BodySizeLimit, document_body_errors
 from service.api.score import serving as score_serving
 from service.api.watchdog import watch_engine
@@ -107,8 +109,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         summary="Calibrated confidence for LLM multiple-choice answers (UF Calibration).",
         lifespan=lifespan,
     )
+    app.router.route_class = StrictJSONRoute  # routes added on the app itself too
     app.state.ufcal = state
     app.state.settings = settings
+    install_error_handlers(app)
     public = security.open_paths(settings.metrics_auth)
     security.document_security(app, public)
     document_body_errors(app)

@@ -24,6 +24,7 @@ from service.api.feedback.protocol import (
     FeedbackResponse,
     ReliabilityBinOut,
 )
+from service.api.json_body import StrictJSONRoute
 from service.api.score.protocol import ScoreRequest, ScoreResponse
 from service.store import (
     FeedbackExists,
@@ -36,7 +37,7 @@ from service.store import (
 )
 
 log = logging.getLogger("ufcal.feedback")
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "No score with this id."},

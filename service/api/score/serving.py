@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from service.api.admission import DeadlineExceeded, Overloaded
 from service.api.common import ERROR_RESPONSES, AppState, app_state, error_response
 from service.api.feedback.serving import record_score
+from service.api.json_body import StrictJSONRoute
 from service.api.limits import check_score_limits, score_limit_issues
 from service.api.score.protocol import (
     AnswerOut,
@@ -33,7 +34,7 @@ from service.scoring import ScoreParams, ScoreResult, score
 from service.telemetry import score_log_fields
 
 log = logging.getLogger("ufcal.score")
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 def score_params(body: ScoreRequest, settings: Settings) -> ScoreParams:
