@@ -177,6 +177,11 @@ def _batch_item(index: int, outcome: ScoreResponse | JSONResponse) -> BatchItem:
     if isinstance(outcome, ScoreResponse):
         return BatchItem(index=index, result=outcome)
     detail = json.loads(bytes(outcome.body)).get("detail", "")
+    if isinstance(detail, list):  # validation issues: "loc: msg; ..."
+        detail = "; ".join(
+            ".".join(str(p) for p in issue.get("loc", [])[1:]) + ": " + str(issue.get("msg", ""))
+            for issue in detail
+        )
     return BatchItem(
         index=index, error=BatchItemError(status=outcome.status_code, detail=str(detail))
     )
