@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from service.api.json_body import QUOTE_CHARS, quote_text
 
@@ -115,6 +116,9 @@ def _raw_json(body: bytes, status: int, headers: dict[str, str] | None = None) -
 async def _internal_error(request: Request, exc: Exception) -> Response:
     """The last resort: any exception no handler took is a JSON 500 with a request id."""
     rid = uuid.uuid4().hex
+    if isinstance(exc, ClientDisconnect):  # nobody is left to answer
+        log.info("client disconnected", extra={"fields": {"path": quote_text(request.url.path)}})
+        return _raw_json(b'{"detail":"client disconnected"}', 400)
     try:
         rid = request_id(request)
         log.error(
