@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # httpx logs every request at INFO: with health probes every few seconds that is noise.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-_TOKEN_ID_PREFIX = "token_id:"
+_TOKEN_ID_PREFIX = "token_id:"  # noqa: S105 # a reply format marker, not a password
 _RETRY_STATUS = frozenset({502, 503, 504})
 # vLLM answers these when the request itself is refused (VLLMClientError: a prompt over the
 # context, a value out of range): the client's question is the cause, not the engine.
@@ -155,7 +155,7 @@ class OpenAIHTTPEngine:
                 failure = f"engine at {url} answered {response.status_code}"
             self._mark(server, up=False)
             delay = min(self._max_backoff_s, self._backoff_s * 2**attempt)
-            delay *= random.uniform(0.5, 1.0)  # jitter: no thundering herd on restart
+            delay *= random.uniform(0.5, 1.0)  # noqa: S311 # jitter against a thundering herd
             if time.monotonic() + delay > give_up:
                 raise EngineUnavailable(failure)
             self.retries += 1
