@@ -29,7 +29,7 @@ from service.calibration.prompts import (
     parse_answer,
     render,
 )
-from service.context_fit import check_fits
+from service.context_fit import QuestionSize, check_fits
 from service.engines.base import Engine, EngineFeatureMissing, GenerationParams
 from service.engines.letters import choice_strings
 
@@ -283,6 +283,31 @@ def prompts_sent(
     return sent
 
 
+def question_size(question: Question, template: PromptTemplate) -> QuestionSize:
+    """Bounds over every prompt ``prompts_sent`` may render for ``question``, from text
+    lengths alone: each holds the question, every option (one maybe replaced by the
+    substitute text) and one instruction, possibly a follow-up naming one option."""
+    options = [len(o.encode()) for o in question.options]
+    fixed = [
+        template.few_shot,
+        template.system_prompt or "",
+        template.instruction,
+        template.substitute_text,
+        template.answer_prefix,
+        baselines.VERBALIZED_INSTRUCTION,
+        baselines.VERBALIZED_ANSWER_PREFIX,
+        baselines.LINGUISTIC_INSTRUCTION,
+        baselines.LINGUISTIC_ANSWER_PREFIX,
+        *(phrase for phrase, _ in baselines.LINGUISTIC_PHRASES),
+    ]
+    upper = len(question.text.encode()) + sum(options) + max(options)
+    upper += sum(len(text.encode()) for text in fixed) + 8 * (len(options) + len(fixed) + 4)
+    new_tokens = max(
+        SAMPLE_MAX_TOKENS, CHAIN_MAX_TOKENS, VERBALIZED_MAX_TOKENS, LINGUISTIC_MAX_TOKENS
+    )
+    return QuestionSize(upper, new_tokens, template.chat)
+
+
 class QuestionRun:
     """The engine work for one question, each step run at most once and shared by every
     method that needs it. A step's cost is kept with it, so each method reports the usage
@@ -391,7 +416,11 @@ class QuestionRun:
         params = self.params
         mode = method_mode(method, params.mode, self.engine)
         usage = Usage()
-        await check_fits(self.engine, prompts_sent(self.question, method, mode, self.template))
+        await check_fits(
+            self.engine,
+            question_size(self.question, self.template),
+            lambda: prompts_sent(self.question, method, mode, self.template),
+        )
         try:
             first = await self._step_one(mode, usage)
             distribution = first.distribution

@@ -240,7 +240,7 @@ async def test_the_chain_prompts_count_not_only_the_first() -> None:
     """A short option replaced by the longer substitute text makes a chain prompt longer
     than step 1: a question that fits at step 1 but not in its chains is refused."""
     from service.calibration.prompts import PromptTemplate, Question
-    from service.scoring import prompts_sent
+    from service.scoring import prompts_sent, question_size
 
     engine = fake_engine()
     template = PromptTemplate()
@@ -250,22 +250,28 @@ async def test_the_chain_prompts_count_not_only_the_first() -> None:
     longest = max(engine._prompt_tokens(p) for p, _ in sent)
     assert longest > step1
     engine.context_length = longest  # step 1 fits, a chain prompt + 1 token does not
+    size = question_size(question, template)
     with pytest.raises(ContextOverflow) as raised:
-        await check_fits(engine, sent)
+        await check_fits(engine, size, lambda: sent)
     assert raised.value.prompt_tokens == longest and raised.value.limit == longest
     engine.context_length = longest + 1
-    await check_fits(engine, sent)
+    await check_fits(engine, size, lambda: sent)
 
 
 async def test_ordinary_questions_are_not_tokenized() -> None:
     from service.calibration.prompts import PromptTemplate, Question
-    from service.scoring import prompts_sent
+    from service.scoring import question_size
 
     engine = fake_engine()
     engine.context_length = 4096
-    sent = prompts_sent(Question("Which one?", ("a", "b", "c")), "uf", "logprobs", PromptTemplate())
-    await check_fits(engine, sent)
-    await check_fits(engine, sent)
+    question = Question("Which one?", ("a", "b", "c"))
+    size = question_size(question, PromptTemplate())
+
+    def render_all() -> list[Any]:
+        raise AssertionError("an ordinary question needs no prompt rendered")
+
+    await check_fits(engine, size, render_all)
+    await check_fits(engine, size, render_all)
     assert len(engine.counted) == 1  # the one-off probe of the template, nothing per question
 
 

@@ -81,38 +81,52 @@ class _Rejected:
 
 
 class _Object(dict[str, Any]):
-    """A JSON object that remembers the keys it repeated."""
+    """A JSON object that repeated some of its keys."""
 
     repeated: list[str]
 
 
-def _object(pairs: list[tuple[str, Any]]) -> _Object:
-    result = _Object(pairs)
-    result.repeated = []
-    if len(result) != len(pairs):
+class _Parse:
+    """The parser's hooks for one body; ``suspect`` turns true when a hook met something
+    the walk (``_check``) must find and name."""
+
+    def __init__(self) -> None:
+        self.suspect = False
+
+    def object(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result = dict(pairs)
+        if len(result) == len(pairs):
+            return result
+        self.suspect = True
+        marked = _Object(result)
+        marked.repeated = []
         seen: set[str] = set()
         for key, _ in pairs:
-            if key in seen and key not in result.repeated:
-                result.repeated.append(key)
+            if key in seen and key not in marked.repeated:
+                marked.repeated.append(key)
             seen.add(key)
-    return result
+        return marked
+
+    def int(self, text: str) -> int | _Rejected:
+        if len(text.lstrip("-")) > MAX_INT_DIGITS:
+            self.suspect = True
+            return _Rejected(text, f"integer of more than {MAX_INT_DIGITS} digits")
+        return int(text)
+
+    def float(self, text: str) -> float | _Rejected:
+        value = float(text)
+        if not math.isfinite(value):
+            self.suspect = True
+            return _Rejected(text, "number outside the range of a 64-bit float")
+        return value
+
+    def constant(self, text: str) -> _Rejected:
+        self.suspect = True
+        return _Rejected(text, f"{text} is not a JSON number (RFC 8259)")
 
 
-def _int(text: str) -> int | _Rejected:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        return _Rejected(text, f"integer of more than {MAX_INT_DIGITS} digits")
-    return int(text)
-
-
-def _float(text: str) -> float | _Rejected:
-    value = float(text)
-    if not math.isfinite(value):
-        return _Rejected(text, "number outside the range of a 64-bit float")
-    return value
-
-
-def _constant(text: str) -> _Rejected:
-    return _Rejected(text, f"{text} is not a JSON number (RFC 8259)")
+# Text that may decode to a refused string: a surrogate or NUL escape, or undecodable bytes.
+_SUSPECT_TEXT = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)|[\ud800-\udfff]")
 
 
 def _string_issue(text: str) -> str | None:
@@ -170,13 +184,14 @@ def parse_strict(raw: bytes) -> Any:
     text = raw.decode("utf-8", "surrogateescape")
     if text.startswith("\ufeff"):
         text = text[1:]
+    hooks = _Parse()
     try:
         value = json.loads(
             text,
-            object_pairs_hook=_object,
-            parse_int=_int,
-            parse_float=_float,
-            parse_constant=_constant,
+            object_pairs_hook=hooks.object,
+            parse_int=hooks.int,
+            parse_float=hooks.float,
+            parse_constant=hooks.constant,
         )
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
@@ -192,9 +207,11 @@ def parse_strict(raw: bytes) -> Any:
         raise InvalidBody(
             [{"loc": ["body"], "msg": f"nested deeper than {MAX_DEPTH}", "type": "too_deep"}]
         ) from None
-    issues = _check(value)
-    if issues:
-        raise InvalidBody(issues)
+    nesting = text.count("[") + text.count("{")  # counts brackets in strings too: an upper bound
+    if hooks.suspect or nesting > MAX_DEPTH or _SUSPECT_TEXT.search(text):
+        issues = _check(value)
+        if issues:
+            raise InvalidBody(issues)
     return value
 
 
