@@ -19,15 +19,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from service.calibration.prompts import Prompt
-from service.engines.base import Engine, EngineFeatureMissing
+from service.engines.base import Engine, EngineFeatureMissing, EngineRejected
 
 log = logging.getLogger(__name__)
 
 SLACK = 16
 
 
-class ContextOverflow(Exception):
-    """A prompt of the question plus its generated tokens is over the model's context."""
+class ContextOverflow(EngineRejected):
+    """A prompt of the question plus its generated tokens is over the model's context: the
+    refusal the engine would give, given before asking it (so callers that count engine
+    refusals, like the evaluation, count it with them)."""
 
     def __init__(self, prompt_tokens: int, new_tokens: int, limit: int) -> None:
         super().__init__(
