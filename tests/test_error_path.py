@@ -290,3 +290,17 @@ async def test_vllm_refusing_a_request_is_engine_rejected_not_a_fault() -> None:
     with pytest.raises(EngineRejected, match="maximum context length"):
         await engine.generate([prompt], [GenerationParams()])
     await engine.close()
+
+
+def test_a_failure_while_shaping_a_422_still_answers_json(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import service.api.errors as errors
+
+    def broken(_: Any) -> Any:
+        raise RuntimeError("the shaper broke")
+
+    monkeypatch.setattr(errors, "validation_reply", broken)
+    response = client.post("/score", json={"question": "q", "options": ["a"]})
+    assert response.status_code == 422
+    assert strict_loads(response.content)["detail"][0]["loc"] == ["body"]
