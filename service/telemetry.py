@@ -1,4 +1,5 @@
-"""Prometheus metrics and JSON log lines for the ufcal service.
+"""Prometheus metrics and the score log line of the ufcal service (the JSON log set-up is
+``service.logs``; its names are re-exported here).
 
 Every metric lives in a per-app :class:`Telemetry` (its own ``CollectorRegistry``), so tests
 can build many apps in one process. All names start with ``ufcal_`` and follow Prometheus
@@ -7,10 +8,7 @@ conventions (``_total`` counters, base units such as seconds).
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -25,6 +23,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from service.logs import JsonFormatter, ScoredAccessFilter, configure_logging, utc_iso
+
 __all__ = [
     "CONFIDENCE_BUCKETS",
     "DURATION_BUCKETS",
@@ -38,9 +38,12 @@ __all__ = [
     "score_log_fields",
 ]
 
-#: Request latency buckets, 5 ms .. 60 s.
+#: Request latency buckets, 5 ms .. 60 s. Fine steps (2.5 s) below and just past the
+#: default 20 s deadline (UFCAL_REQUEST_TIMEOUT_S), so a p95 between 10 s and the deadline
+#: is resolved well enough for the latency alert (deploy/prometheus/alerts.yml, 15 s) to fire.
 DURATION_BUCKETS: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5,
+    20.0, 22.5, 30.0, 60.0,
 )  # fmt: skip
 #: Engine round trips (batches) per scored question.
 ENGINE_CALL_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50)
@@ -100,7 +103,11 @@ _Labelled = Counter | Gauge | Histogram
 class Telemetry:
     """The service's Prometheus metrics, in a registry of their own."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, remote_engines: int = 0
+    ) -> None:
+        """``remote_engines``: how many vLLM servers UFCAL_ENGINE_URL lists (0 = in-process),
+        exported so the alert on a missing vLLM scrape target fires only when one exists."""
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -152,6 +159,12 @@ class Telemetry:
         self.engine_up = Gauge(
             "ufcal_engine_up", "1 if the inference engine is ready, else 0.", registry=r
         )
+        self.engine_remote_servers = Gauge(
+            "ufcal_engine_remote_servers",
+            "Remote vLLM servers in UFCAL_ENGINE_URL (0 = in-process engine).",
+            registry=r,
+        )
+        self.engine_remote_servers.set(remote_engines)
         self.unparsed = Counter(
             "ufcal_unparsed",
             "Model replies from which no answer option could be parsed.",
@@ -302,68 +315,7 @@ class Telemetry:
         return {s.name for m in self.registry.collect() for s in m.samples}
 
 
-# -- JSON logs -----------------------------------------------------------------------------
-
-
-def _utc_iso(epoch_s: float) -> str:
-    dt = datetime.fromtimestamp(epoch_s, tz=timezone.utc)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: timestamp (ISO-8601 UTC), level, logger, message, plus the
-    key/values of a ``fields`` dict passed as ``extra={"fields": {...}}``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "timestamp": _utc_iso(record.created),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, Mapping):
-            out.update(fields)
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        if record.stack_info:
-            out["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
-
-
-def configure_logging(level: str = "INFO") -> None:
-    """Log JSON lines to stdout from the root logger; uvicorn's loggers propagate to it.
-
-    Start uvicorn with ``log_config=None`` afterwards so it keeps this setup.
-    """
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        lg = logging.getLogger(name)
-        lg.handlers.clear()
-        lg.propagate = True
-    access = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, ScoredAccessFilter) for f in access.filters):
-        access.addFilter(ScoredAccessFilter())
-
-
-class ScoredAccessFilter(logging.Filter):
-    """Drop uvicorn's access line of a successful ``POST /score``: its "scored" line already
-    says the same and more (id, answer, confidence, latency, status), and formatting and
-    writing a second line per request was a tenth of the service's CPU under load. Every
-    other request, and every /score that failed, keeps its access line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        # uvicorn: '%s - "%s %s HTTP/%s" %d' % (client, method, path, http_version, status)
-        if isinstance(args, tuple) and len(args) == 5:
-            return not (args[1] == "POST" and args[2] == "/score" and args[4] == 200)
-        return True
+# -- the score log line ----------------------------------------------------------------
 
 
 def score_log_fields(
@@ -390,7 +342,7 @@ def score_log_fields(
     """
     ts = timestamp if timestamp is not None else datetime.now(timezone.utc)
     fields: dict[str, Any] = {
-        "timestamp": _utc_iso(ts.timestamp()),
+        "timestamp": utc_iso(ts.timestamp()),
         "id": request_id,
         "model": model,
         "method": method,
