@@ -42,15 +42,18 @@ unit: install
 integration: model
 	$(BIN)/python -m pytest -m integration -q
 
-# promtool and docker-compose check the deployment files (Debian packages; root installs them);
-# checkov scans deploy/, the Dockerfile and docker-compose.yml.
+# promtool and docker-compose check the deployment files; chromium and chromium-driver run
+# the web page's browser tests (Debian packages; root installs them); checkov scans deploy/,
+# the Dockerfile and docker-compose.yml.
 tools: $(CHECKOV)
-	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null; then \
+	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null \
+	    || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends prometheus docker-compose >/dev/null; \
+	      --no-install-recommends prometheus docker-compose chromium chromium-driver >/dev/null; \
 	  else \
-	    echo "warning: install promtool (prometheus) and docker-compose for the deploy checks" >&2; \
+	    echo "warning: install promtool (prometheus), docker-compose, chromium and" \
+	      "chromium-driver for the deploy checks and the browser tests" >&2; \
 	  fi; \
 	fi
 

@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     )
     log_level: str = "info"
     log_text: bool = Field(default=False, description="Log question and option text.")
+    ui: bool = Field(default=True, description="Serve the web page at / (UFCAL_UI=off removes it).")
 
     # Limits: each refusal is a 4xx naming the limit (docs/reliability.md)
     max_body_bytes: int = Field(

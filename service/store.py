@@ -43,6 +43,7 @@ __all__ = [
     "ScoreRecord",
     "Store",
     "StoreError",
+    "StoredScore",
     "UnknownScore",
     "live_calibration",
 ]
@@ -72,6 +73,7 @@ CREATE TABLE IF NOT EXISTS feedback (
     gold_index  INTEGER,
     received_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS scores_created_at ON scores(created_at);
 """
 #: Most operations committed together in one transaction.
 MAX_BATCH = 256
@@ -142,6 +144,16 @@ class FeedbackRecord:
     answer_index: int
     confidence: float
     received_at: float
+
+
+@dataclass(frozen=True)
+class StoredScore:
+    """A stored score with its feedback, if any (``correct`` is ``None`` without)."""
+
+    score: ScoreRecord
+    correct: bool | None = None
+    gold_index: int | None = None
+    feedback_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -405,6 +417,45 @@ class Store:
                 self._stale = True
 
         result: FeedbackRecord = await self._submit(op, durable=True, after_commit=after_commit)
+        return result
+
+    async def recent_scores(self, limit: int) -> list[StoredScore]:
+        """The last ``limit`` scores, newest first, each with its feedback if it has one.
+
+        Read by the writer thread (the only connection), so it sees every committed write."""
+
+        def op(conn: sqlite3.Connection) -> list[StoredScore]:
+            rows = conn.execute(
+                "SELECT s.id, s.model, s.method, s.mode, s.answer_index, s.confidence, "
+                "s.uncertainty, s.n_options, s.created_at, s.question, s.options, "
+                "f.correct, f.gold_index, f.received_at "
+                "FROM scores s LEFT JOIN feedback f ON f.id = s.id "
+                "ORDER BY s.created_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [
+                StoredScore(
+                    ScoreRecord(
+                        id=r[0],
+                        model=r[1],
+                        method=r[2],
+                        mode=r[3],
+                        answer_index=int(r[4]),
+                        confidence=float(r[5]),
+                        uncertainty=float(r[6]),
+                        n_options=int(r[7]),
+                        created_at=float(r[8]),
+                        question=r[9],
+                        options=None if r[10] is None else tuple(json.loads(r[10])),
+                    ),
+                    correct=None if r[11] is None else bool(r[11]),
+                    gold_index=r[12],
+                    feedback_at=r[13],
+                )
+                for r in rows
+            ]
+
+        result: list[StoredScore] = await self._submit(op, durable=False)
         return result
 
     def calibration(self) -> LiveCalibration:

@@ -14,7 +14,6 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.servers import ServerProcess, free_port_in
+from tests.servers import ServerProcess, free_port_in, missing_tool
 
 UFCAL_PORTS = range(8400, 8500)
 PROMETHEUS_PORTS = range(9090, 9100)
@@ -84,10 +83,7 @@ def prometheus_bin() -> str:
             "\n!!! prometheus IS NOT INSTALLED: live Prometheus test SKIPPED.\n"
             "!!! CI installs it (make tools); locally run: apt-get install -y prometheus"
         )
-        if os.environ.get("UFCAL_REQUIRE_DEPLOY_TOOLS", "") not in ("", "0"):
-            pytest.fail(msg)
-        warnings.warn(msg, stacklevel=2)
-        pytest.skip(msg)
+        missing_tool(msg)
     assert path is not None
     return path
 

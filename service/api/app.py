@@ -22,11 +22,13 @@ from service.api.feedback import serving as feedback_serving
 from service.api.json_body import StrictJSONRoute
 from service.api.limits import BodySizeLimit, document_body_errors
 from service.api.score import serving as score_serving
+from service.api.scores import serving as scores_serving
 from service.api.watchdog import watch_engine
 from service.config import Settings
 from service.engines import build_engine
 from service.engines.base import Engine
 from service.telemetry import Telemetry
+from service.web import serving as web_serving
 
 log = logging.getLogger("ufcal")
 
@@ -114,6 +116,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.settings = settings
     install_error_handlers(app)
     public = security.open_paths(settings.metrics_auth)
+    if settings.ui:  # the page and its assets hold no data; the page asks for the key
+        public |= web_serving.PATHS
     security.document_security(app, public)
     document_body_errors(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
@@ -135,6 +139,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app.include_router(score_serving.router)
     app.include_router(feedback_serving.router)
+    app.include_router(scores_serving.router)
+    if settings.ui:
+        app.include_router(web_serving.build_router())
 
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz() -> HealthResponse:
