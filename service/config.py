@@ -135,6 +135,18 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=256, ge=1, description="Items in one /score/batch.")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    request_read_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A request must arrive whole (headers and body) this long after its "
+        "first byte, a new connection must start one as soon (else 408 and closed).",
+    )
+    keepalive_timeout_s: float = Field(
+        default=5.0, gt=0, description="An idle keep-alive connection is closed after this."
+    )
+    max_idle_connections: int = Field(
+        default=256, ge=0, description="Idle keep-alive connections held at most."
+    )
     log_level: str = "info"
     log_text: bool = Field(default=False, description="Log question and option text.")
     ui: bool = Field(default=True, description="Serve the web page at / (UFCAL_UI=off removes it).")

@@ -459,7 +459,9 @@ class Store:
             for i in range(0, len(ids), _MAX_SQL_VARIABLES):
                 chunk = ids[i : i + _MAX_SQL_VARIABLES]
                 marks = ",".join("?" * len(chunk))
-                found = conn.execute(f"SELECT id FROM feedback WHERE id IN ({marks})", chunk)
+                # only "?" placeholders are formatted in; the ids are bound parameters
+                query = f"SELECT id FROM feedback WHERE id IN ({marks})"  # noqa: S608
+                found = conn.execute(query, chunk)
                 conflicts.update(row[0] for row in found)
             conn.executemany(_UPSERT_SCORE, [row for row in rows if row[0] not in conflicts])
             return conflicts

@@ -18,7 +18,9 @@ from service.api import security
 from service.api.admission import Admission, DeadlineExceeded, Overloaded
 from service.api.calibrators import serving as calibrators_serving
 from service.api.common import AppState, ServiceUnavailable, app_state, error_response, one_line
+from service.api.errors import install_error_handlers
 from service.api.feedback import serving as feedback_serving
+from service.api.json_body import StrictJSONRoute
 from service.api.limits import BodySizeLimit, document_body_errors
 from service.api.score import serving as score_serving
 from service.api.scores import serving as scores_serving
@@ -121,8 +123,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         summary="Calibrated confidence for LLM multiple-choice answers (UF Calibration).",
         lifespan=lifespan,
     )
+    app.router.route_class = StrictJSONRoute  # routes added on the app itself too
     app.state.ufcal = state
     app.state.settings = settings
+    install_error_handlers(app)
     public = security.open_paths(settings.metrics_auth)
     if settings.ui:  # the page and its assets hold no data; the page asks for the key
         public |= web_serving.PATHS

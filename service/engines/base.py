@@ -21,6 +21,11 @@ class EngineUnavailable(EngineError):
     """The engine cannot be reached or is not ready (HTTP 503)."""
 
 
+class EngineRejected(EngineError):
+    """The engine refused a request because of what it holds (a prompt over the context, a
+    value out of its range): the client's question is the cause (HTTP 422, not a fault)."""
+
+
 class EngineFeatureMissing(EngineError):
     """The engine lacks a feature a mode needs; the message names the feature."""
 
@@ -62,6 +67,15 @@ class GenerationParams:
     choices: tuple[str, ...] | None = None
 
 
+@dataclass(frozen=True)
+class TokenCounts:
+    """Prompt lengths as the engine's own tokenizer counts them, and its context length
+    (prompt plus generated tokens of one request)."""
+
+    counts: list[int]
+    context_length: int
+
+
 @runtime_checkable
 class Engine(Protocol):
     """An LLM engine the scorer can drive."""
@@ -93,6 +107,11 @@ class Engine(Protocol):
         self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]
     ) -> list[Generation]:
         """For each prompt, completions decoded with its params."""
+        ...
+
+    async def count_tokens(self, prompts: Sequence[Prompt]) -> TokenCounts:
+        """The tokens each prompt takes as sent (chat template applied), and the context;
+        ``EngineFeatureMissing`` when the engine cannot count."""
         ...
 
     async def close(self) -> None:

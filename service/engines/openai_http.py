@@ -30,10 +30,12 @@ from service.calibration.prompts import Prompt, letter_forms
 from service.engines.base import (
     EngineError,
     EngineFeatureMissing,
+    EngineRejected,
     EngineUnavailable,
     Generation,
     GenerationParams,
     LetterRead,
+    TokenCounts,
 )
 from service.engines.letters import combine_letter_logprobs, letter_token_ids
 
@@ -41,8 +43,11 @@ log = logging.getLogger(__name__)
 # httpx logs every request at INFO: with health probes every few seconds that is noise.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-_TOKEN_ID_PREFIX = "token_id:"
+_TOKEN_ID_PREFIX = "token_id:"  # noqa: S105 # a reply format marker, not a password
 _RETRY_STATUS = frozenset({502, 503, 504})
+# vLLM answers these when the request itself is refused (VLLMClientError: a prompt over the
+# context, a value out of range): the client's question is the cause, not the engine.
+_REJECTED_STATUS = frozenset({400, 413, 422})
 #: Idle connections are dropped before uvicorn's own 5 s keep-alive timeout closes them.
 KEEPALIVE_EXPIRY_S = 2.0
 # Connection-level failures: the server is gone, restarting or dropped the connection.
@@ -150,7 +155,7 @@ class OpenAIHTTPEngine:
                 failure = f"engine at {url} answered {response.status_code}"
             self._mark(server, up=False)
             delay = min(self._max_backoff_s, self._backoff_s * 2**attempt)
-            delay *= random.uniform(0.5, 1.0)  # jitter: no thundering herd on restart
+            delay *= random.uniform(0.5, 1.0)  # noqa: S311 # jitter against a thundering herd
             if time.monotonic() + delay > give_up:
                 raise EngineUnavailable(failure)
             self.retries += 1
@@ -161,6 +166,11 @@ class OpenAIHTTPEngine:
             raise EngineUnavailable(f"engine at {url} answered {response.status_code}")
         if response.status_code == 404:
             raise EngineFeatureMissing(f"the endpoint {path}")
+        if response.status_code in _REJECTED_STATUS:
+            raise EngineRejected(
+                f"the engine refused the request ({response.status_code}): "
+                f"{_error_message(response)}"
+            )
         if response.status_code >= 400:
             raise EngineError(
                 f"engine at {url} refused the request ({response.status_code}): "
@@ -298,6 +308,31 @@ class OpenAIHTTPEngine:
         return list(
             await asyncio.gather(*(one(p, q) for p, q in zip(prompts, params, strict=True)))
         )
+
+    async def count_tokens(self, prompts: Sequence[Prompt]) -> TokenCounts:
+        """vLLM's ``/tokenize`` over each prompt as it is sent (chat: the same messages and
+        template flags as ``/v1/chat/completions``), and the server's ``max_model_len``."""
+
+        async def one(prompt: Prompt) -> tuple[int, int]:
+            body: dict[str, Any] = {"model": self.model}
+            if prompt.chat:
+                body.update(
+                    messages=prompt.messages(),
+                    add_generation_prompt=False,
+                    continue_final_message=True,
+                )
+            else:
+                body["prompt"] = prompt.text
+            reply = await self._post("/tokenize", body)
+            try:
+                return int(reply["count"]), int(reply["max_model_len"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise EngineFeatureMissing("token counts (vLLM's /tokenize)") from exc
+
+        results = await asyncio.gather(*(one(p) for p in prompts))
+        if not results:
+            return TokenCounts([], 0)
+        return TokenCounts([c for c, _ in results], min(limit for _, limit in results))
 
     async def reset_prefix_cache(self) -> bool:
         """Empty every server's prefix cache (benchmarks: each variant starts cold). Needs

@@ -26,6 +26,7 @@ from service.api.feedback.protocol import (
     FeedbackResponse,
     ReliabilityBinOut,
 )
+from service.api.json_body import StrictJSONRoute
 from service.api.score.protocol import ScoreRequest, ScoreResponse
 from service.api.security import CHALLENGE, ApiKeys, bearer_token
 from service.config import Settings
@@ -42,7 +43,7 @@ from service.store import (
 )
 
 log = logging.getLogger("ufcal.feedback")
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "No score with this id."},

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
 
 from service.calibration.prompts import MAX_OPTIONS
 
@@ -32,6 +33,28 @@ class ScoreRequest(BaseModel):
         max_length=MAX_OPTIONS,
         description="Option texts in order; they are labelled A, B, C, ...",
     )
+
+    @field_validator("options")
+    @classmethod
+    def _distinct_options(cls, options: list[str]) -> list[str]:
+        """Options identical after trimming whitespace cannot be told apart by the model
+        (the answer's index would be arbitrary): refuse them, naming their indexes."""
+        first: dict[str, int] = {}
+        groups: dict[int, list[int]] = {}
+        for i, text in enumerate(options):  # already stripped by NonEmptyText
+            j = first.setdefault(text, i)
+            if j != i:
+                groups.setdefault(j, [j]).append(i)
+        if groups:
+            indexes = list(groups.values())
+            shown = "; ".join(", ".join(str(i) for i in g) for g in indexes)
+            raise PydanticCustomError(
+                "duplicate_options",
+                "options {shown} are identical after trimming whitespace",
+                {"shown": shown, "indexes": indexes},
+            )
+        return options
+
     method: Literal["uf", "fidelity", "sampled", "token", "verbalized", "linguistic"] = Field(
         default="uf",
         description="uf: (1 - Uncertainty) x Fidelity; fidelity: the ablation without the "

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from service.api.admission import DeadlineExceeded, Overloaded
 from service.api.common import ERROR_RESPONSES, AppState, app_state, error_response
 from service.api.feedback.serving import record_score
+from service.api.json_body import StrictJSONRoute
 from service.api.limits import check_score_limits, score_limit_issues
 from service.api.score.protocol import (
     AnswerOut,
@@ -35,7 +36,7 @@ from service.scoring import ScoreParams, ScoreResult, score
 from service.telemetry import score_log_fields
 
 log = logging.getLogger("ufcal.score")
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 def score_params(body: ScoreRequest, settings: Settings) -> ScoreParams:
@@ -195,6 +196,11 @@ def _batch_item(index: int, outcome: ScoreResponse | JSONResponse) -> BatchItem:
     if isinstance(outcome, ScoreResponse):
         return BatchItem(index=index, result=outcome)
     detail = json.loads(bytes(outcome.body)).get("detail", "")
+    if isinstance(detail, list):  # validation issues: "loc: msg; ..."
+        detail = "; ".join(
+            ".".join(str(p) for p in issue.get("loc", [])[1:]) + ": " + str(issue.get("msg", ""))
+            for issue in detail
+        )
     return BatchItem(
         index=index, error=BatchItemError(status=outcome.status_code, detail=str(detail))
     )
