@@ -17,12 +17,17 @@ import pytest
 from service.calibration.prompts import Question, prefix_key
 from service.config import Settings
 from service.engines.routing import rank
-from tests.conftest import CORRECTNESS_ENV, START_TIMEOUT_S, load_questions
+from tests.conftest import CORRECTNESS_ENV, START_TIMEOUT_S
 from tests.servers import ServerProcess, running, ufcal_server, vllm_server
 
 pytestmark = pytest.mark.integration
 
 PER_SERVER = 2  # questions owned by each server
+# Any questions do: what matters is where their keys send them, not what they ask.
+ROWS = [
+    {"question": f"Which number is the largest? (set {i})", "options": ["3", "17", "8", "11"]}
+    for i in range(40)
+]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +80,7 @@ def test_every_prompt_of_a_question_reaches_one_server_and_failover_moves_only_i
     urls = [first, second]
     template = Settings().prompt_template()
     owner: dict[int, str] = {}
-    rows = load_questions("arc_challenge_test.jsonl", 40)
+    rows = ROWS
     for index, row in enumerate(rows):
         key = prefix_key(Question(row["question"], tuple(row["options"])), template)
         home = rank(urls, key)[0]

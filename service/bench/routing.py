@@ -184,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--routings", default="round_robin,affinity", help="comma-separated, in run order"
     )
+    parser.add_argument(
+        "--timeout-s", type=float, default=600.0, help="one engine call (a loaded CPU is slow)"
+    )
     parser.add_argument("--out", default="reports/routing.json", help="JSON report path")
     args = parser.parse_args(argv)
     settings = Settings(engine_url=args.engine_url)
@@ -201,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return OpenAIHTTPEngine(
             settings.engine_urls,
             model=settings.served_model,
-            timeout_s=settings.engine_timeout_s,
+            timeout_s=args.timeout_s,
             routing=routing,
         )
 
