@@ -14,6 +14,7 @@ from service.calibration.prompts import SUBSTITUTE_TEXT, PromptTemplate
 
 Mode = Literal["auto", "logprobs", "sampling"]
 Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+Routing = Literal["affinity", "round_robin"]  # service/engines/routing.py
 
 
 def _default_cache() -> Path:
@@ -47,6 +48,18 @@ class Settings(BaseSettings):
         default=None, description="Bearer key for the engine URLs."
     )
     engine_timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one engine call.")
+    engine_routing: Routing = Field(
+        default="affinity",
+        description="Several engine URLs: affinity = every prompt of a question to one server "
+        "(rendezvous hashing; its prefix cache serves the shared prefix), round_robin = each "
+        "request to the next server.",
+    )
+    engine_load_guard: float = Field(
+        default=0.0,
+        ge=0,
+        description="Affinity: take a question's second server when its first has at least "
+        "this many times (the second's in-flight requests + 1) in flight; 0 = off.",
+    )
 
     # In-process vLLM
     vllm_dtype: Dtype = Field(

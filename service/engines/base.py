@@ -2,7 +2,11 @@
 
 All methods take a batch: the scorer sends every prompt of one step at once, and the
 adapter hands them to vLLM together so that its scheduler batches them (and batches them
-with other requests' prompts)."""
+with other requests' prompts).
+
+Every prompt carries its question's ``prefix_key`` (``render`` sets it): an adapter over
+several servers sends the prompts of one key to one server (``routing.py``), so that its
+prefix cache serves what they share; an adapter over one engine ignores it."""
 
 from __future__ import annotations
 
