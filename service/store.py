@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import queue
@@ -27,22 +28,26 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from service.calibration.metrics import ReliabilityBin, calibration_report
 
 __all__ = [
+    "CalibratorKey",
+    "CalibratorRecord",
     "FeedbackExists",
     "FeedbackRecord",
     "GoldIndexOutOfRange",
+    "LabelRow",
     "LiveCalibration",
     "ScoreConflict",
     "ScoreRecord",
     "Store",
     "StoreError",
+    "StoredScore",
     "UnknownScore",
     "live_calibration",
 ]
@@ -50,7 +55,7 @@ __all__ = [
 log = logging.getLogger("ufcal.store")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS scores (
     id           TEXT PRIMARY KEY,
@@ -63,27 +68,57 @@ CREATE TABLE IF NOT EXISTS scores (
     uncertainty  REAL NOT NULL,
     n_options    INTEGER NOT NULL,
     question     TEXT,
-    options      TEXT
+    options      TEXT,
+    raw_confidence     REAL,
+    calibrator_version INTEGER
 );
 CREATE TABLE IF NOT EXISTS feedback (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
     id          TEXT NOT NULL UNIQUE REFERENCES scores(id),
     correct     INTEGER NOT NULL CHECK (correct IN (0, 1)),
     gold_index  INTEGER,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    source      TEXT
 );
+CREATE TABLE IF NOT EXISTS calibrators (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    model        TEXT NOT NULL,
+    method       TEXT NOT NULL,
+    mode         TEXT NOT NULL,
+    version      INTEGER NOT NULL,
+    kind         TEXT NOT NULL,
+    params       TEXT NOT NULL,
+    labels       INTEGER NOT NULL,
+    positives    INTEGER NOT NULL,
+    negatives    INTEGER NOT NULL,
+    window_json  TEXT NOT NULL,
+    metrics_json TEXT NOT NULL,
+    fitted_at    REAL NOT NULL,
+    status       TEXT NOT NULL CHECK (status IN ('active', 'retired', 'rejected')),
+    UNIQUE (model, method, mode, version)
+);
+CREATE INDEX IF NOT EXISTS scores_created_at ON scores(created_at);
 """
+#: Version 1 -> 2: the raw score and calibrator version of each score, the source of each
+#: feedback (the calibrators table is created by the schema above).
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE scores ADD COLUMN raw_confidence REAL",
+    "ALTER TABLE scores ADD COLUMN calibrator_version INTEGER",
+    "ALTER TABLE feedback ADD COLUMN source TEXT",
+)
 #: Most operations committed together in one transaction.
 MAX_BATCH = 256
 #: Ids per ``IN (...)`` query (SQLite's default limit on variables is 32766).
 _MAX_SQL_VARIABLES = 500
 _UPSERT_SCORE = (
     "INSERT INTO scores (id, created_at, model, method, mode, answer_index, confidence, "
-    "uncertainty, n_options, question, options) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "uncertainty, n_options, question, options, raw_confidence, calibrator_version) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(id) DO UPDATE SET created_at = excluded.created_at, model = excluded.model, "
     "method = excluded.method, mode = excluded.mode, answer_index = excluded.answer_index, "
     "confidence = excluded.confidence, uncertainty = excluded.uncertainty, "
-    "n_options = excluded.n_options, question = excluded.question, options = excluded.options"
+    "n_options = excluded.n_options, question = excluded.question, options = excluded.options, "
+    "raw_confidence = excluded.raw_confidence, calibrator_version = excluded.calibrator_version"
 )
 
 
@@ -130,6 +165,9 @@ class ScoreRecord:
     created_at: float
     question: str | None = None
     options: Sequence[str] | None = None
+    #: The method's own score (``confidence`` is what was returned); None = the same.
+    raw_confidence: float | None = None
+    calibrator_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +180,58 @@ class FeedbackRecord:
     answer_index: int
     confidence: float
     received_at: float
+    raw_confidence: float = 0.0
+    model: str = ""
+    method: str = ""
+    mode: str = ""
+    source: str | None = None
+
+
+#: The key of a calibrator: (model, method, mode).
+CalibratorKey = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class CalibratorRecord:
+    """One stored calibrator version (the ``calibrators`` table; JSON columns decoded)."""
+
+    model: str
+    method: str
+    mode: str
+    version: int
+    kind: str
+    params: dict[str, Any]
+    labels: int
+    positives: int
+    negatives: int
+    window: dict[str, Any]
+    metrics: dict[str, Any]
+    fitted_at: float
+    status: str
+
+    @property
+    def key(self) -> CalibratorKey:
+        return (self.model, self.method, self.mode)
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One label of a key's window: the raw score, the truth, who sent it, when."""
+
+    raw_confidence: float
+    correct: bool
+    source: str | None
+    received_at: float
+
+
+@dataclass(frozen=True)
+class StoredScore:
+    """A stored score with its feedback, if any (``correct`` is ``None`` without)."""
+
+    score: ScoreRecord
+    correct: bool | None = None
+    gold_index: int | None = None
+    feedback_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -220,8 +310,11 @@ class Store:
         self._submit_lock = threading.Lock()
         self._lock = threading.Lock()
         self._conf: deque[float] = deque(maxlen=window)
+        self._raw: deque[float] = deque(maxlen=window)
         self._correct: deque[bool] = deque(maxlen=window)
         self._report = live_calibration([], [], window, n_bins)
+        self._raw_report = self._report
+        self._refit_locks: dict[CalibratorKey, asyncio.Lock] = {}
         self._stale = False  # the window changed since the report was computed
 
     # -- life cycle ------------------------------------------------------------------------
@@ -268,8 +361,13 @@ class Store:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA synchronous = FULL")
-            conn.executescript(_SCHEMA)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 1:
+                for statement in _MIGRATE_1_TO_2:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                version = SCHEMA_VERSION
+            conn.executescript(_SCHEMA)
             if version == 0:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
@@ -277,16 +375,17 @@ class Store:
                     f"{self.path}: schema version {version}, expected {SCHEMA_VERSION}"
                 )
             rows = conn.execute(
-                "SELECT s.confidence, f.correct FROM feedback f JOIN scores s ON s.id = f.id "
-                "ORDER BY f.seq DESC LIMIT ?",
+                "SELECT s.confidence, COALESCE(s.raw_confidence, s.confidence), f.correct "
+                "FROM feedback f JOIN scores s ON s.id = f.id ORDER BY f.seq DESC LIMIT ?",
                 (self.window,),
             ).fetchall()
         except BaseException:
             conn.close()
             raise
         with self._lock:
-            for confidence, correct in reversed(rows):
+            for confidence, raw, correct in reversed(rows):
                 self._conf.append(float(confidence))
+                self._raw.append(float(raw))
                 self._correct.append(bool(correct))
             self._recompute()
         return conn
@@ -348,6 +447,8 @@ class Store:
                 r.n_options,
                 r.question if self.keep_text else None,
                 json.dumps(list(r.options)) if self.keep_text and r.options else None,
+                r.confidence if r.raw_confidence is None else r.raw_confidence,
+                r.calibrator_version,
             )
             for r in records
         ]
@@ -358,7 +459,9 @@ class Store:
             for i in range(0, len(ids), _MAX_SQL_VARIABLES):
                 chunk = ids[i : i + _MAX_SQL_VARIABLES]
                 marks = ",".join("?" * len(chunk))
-                found = conn.execute(f"SELECT id FROM feedback WHERE id IN ({marks})", chunk)
+                # only "?" placeholders are formatted in; the ids are bound parameters
+                query = f"SELECT id FROM feedback WHERE id IN ({marks})"  # noqa: S608
+                found = conn.execute(query, chunk)
                 conflicts.update(row[0] for row in found)
             conn.executemany(_UPSERT_SCORE, [row for row in rows if row[0] not in conflicts])
             return conflicts
@@ -366,19 +469,27 @@ class Store:
         return op
 
     async def add_feedback(
-        self, score_id: str, *, correct: bool | None = None, gold_index: int | None = None
+        self,
+        score_id: str,
+        *,
+        correct: bool | None = None,
+        gold_index: int | None = None,
+        source: str | None = None,
     ) -> FeedbackRecord:
         """Record the truth for a stored score; durable (fsynced) when this returns.
 
-        Give exactly one of ``correct`` and ``gold_index``. Raises ``UnknownScore``,
-        ``FeedbackExists`` or ``GoldIndexOutOfRange``.
+        Give exactly one of ``correct`` and ``gold_index``; ``source`` is a hash of the API
+        key that sent it (never the key). Raises ``UnknownScore``, ``FeedbackExists`` or
+        ``GoldIndexOutOfRange``.
         """
         if (correct is None) == (gold_index is None):
             raise ValueError("give exactly one of correct and gold_index")
 
         def op(conn: sqlite3.Connection) -> FeedbackRecord:
             row = conn.execute(
-                "SELECT answer_index, confidence, n_options FROM scores WHERE id = ?",
+                "SELECT answer_index, confidence, n_options, "
+                "COALESCE(raw_confidence, confidence), model, method, mode "
+                "FROM scores WHERE id = ?",
                 (score_id,),
             ).fetchone()
             if row is None:
@@ -391,29 +502,216 @@ class Store:
             is_correct = bool(correct) if gold_index is None else gold_index == answer_index
             now = time.time()
             conn.execute(
-                "INSERT INTO feedback (id, correct, gold_index, received_at) VALUES (?, ?, ?, ?)",
-                (score_id, int(is_correct), gold_index, now),
+                "INSERT INTO feedback (id, correct, gold_index, received_at, source) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (score_id, int(is_correct), gold_index, now, source),
             )
-            return FeedbackRecord(score_id, is_correct, gold_index, answer_index, confidence, now)
+            return FeedbackRecord(
+                score_id,
+                is_correct,
+                gold_index,
+                answer_index,
+                confidence,
+                now,
+                raw_confidence=float(row[3]),
+                model=str(row[4]),
+                method=str(row[5]),
+                mode=str(row[6]),
+                source=source,
+            )
 
         def after_commit(record: FeedbackRecord) -> None:
             with self._lock:
                 self._conf.append(record.confidence)
+                self._raw.append(record.raw_confidence)
                 self._correct.append(record.correct)
                 self._stale = True
 
         result: FeedbackRecord = await self._submit(op, durable=True, after_commit=after_commit)
         return result
 
+    async def recent_scores(self, limit: int) -> list[StoredScore]:
+        """The last ``limit`` scores, newest first, each with its feedback if it has one.
+
+        Read by the writer thread (the only connection), so it sees every committed write."""
+
+        def op(conn: sqlite3.Connection) -> list[StoredScore]:
+            rows = conn.execute(
+                "SELECT s.id, s.model, s.method, s.mode, s.answer_index, s.confidence, "
+                "s.uncertainty, s.n_options, s.created_at, s.question, s.options, "
+                "f.correct, f.gold_index, f.received_at "
+                "FROM scores s LEFT JOIN feedback f ON f.id = s.id "
+                "ORDER BY s.created_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [
+                StoredScore(
+                    ScoreRecord(
+                        id=r[0],
+                        model=r[1],
+                        method=r[2],
+                        mode=r[3],
+                        answer_index=int(r[4]),
+                        confidence=float(r[5]),
+                        uncertainty=float(r[6]),
+                        n_options=int(r[7]),
+                        created_at=float(r[8]),
+                        question=r[9],
+                        options=None if r[10] is None else tuple(json.loads(r[10])),
+                    ),
+                    correct=None if r[11] is None else bool(r[11]),
+                    gold_index=r[12],
+                    feedback_at=r[13],
+                )
+                for r in rows
+            ]
+
+        result: list[StoredScore] = await self._submit(op, durable=False)
+        return result
+
     def calibration(self) -> LiveCalibration:
-        """The live window's calibration as of the last committed feedback."""
+        """The live window's calibration of the returned confidence, as of the last
+        committed feedback."""
         with self._lock:
             return self._report
 
+    def raw_calibration(self) -> LiveCalibration:
+        """The same window's calibration of the methods' raw scores."""
+        with self._lock:
+            return self._raw_report
+
     def _recompute(self) -> None:
-        self._report = live_calibration(
-            list(self._conf), list(self._correct), self.window, self.n_bins
+        correct = list(self._correct)
+        self._report = live_calibration(list(self._conf), correct, self.window, self.n_bins)
+        self._raw_report = live_calibration(list(self._raw), correct, self.window, self.n_bins)
+
+    # -- calibrators -------------------------------------------------------------------------
+
+    async def save_calibrator(self, record: CalibratorRecord) -> CalibratorRecord:
+        """Store a calibrator version; returns it with its version number (the key's next,
+        assigned in the same transaction when ``record.version`` is 0). Saving one as
+        ``active`` retires the key's previous active version atomically."""
+
+        def op(conn: sqlite3.Connection) -> CalibratorRecord:
+            version = record.version
+            if version <= 0:
+                (latest,) = conn.execute(
+                    "SELECT COALESCE(MAX(version), 0) FROM calibrators "
+                    "WHERE model = ? AND method = ? AND mode = ?",
+                    record.key,
+                ).fetchone()
+                version = int(latest) + 1
+            if record.status == "active":
+                conn.execute(
+                    "UPDATE calibrators SET status = 'retired' WHERE model = ? AND method = ? "
+                    "AND mode = ? AND status = 'active'",
+                    record.key,
+                )
+            conn.execute(
+                "INSERT INTO calibrators (model, method, mode, version, kind, params, labels, "
+                "positives, negatives, window_json, metrics_json, fitted_at, status) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    *record.key,
+                    version,
+                    record.kind,
+                    json.dumps(record.params),
+                    record.labels,
+                    record.positives,
+                    record.negatives,
+                    json.dumps(record.window),
+                    json.dumps(record.metrics),
+                    record.fitted_at,
+                    record.status,
+                ),
+            )
+            return replace(record, version=version)
+
+        saved: CalibratorRecord = await self._submit(op, durable=True)
+        return saved
+
+    async def calibrator_versions(self) -> list[CalibratorRecord]:
+        """Every stored calibrator version, by key and version."""
+        return await self._read(
+            "SELECT model, method, mode, version, kind, params, labels, positives, negatives, "
+            "window_json, metrics_json, fitted_at, status FROM calibrators "
+            "ORDER BY model, method, mode, version",
+            (),
         )
+
+    async def active_calibrators(self) -> list[CalibratorRecord]:
+        """The active version of every key that has one."""
+        return await self._read(
+            "SELECT model, method, mode, version, kind, params, labels, positives, negatives, "
+            "window_json, metrics_json, fitted_at, status FROM calibrators "
+            "WHERE status = 'active' ORDER BY model, method, mode",
+            (),
+        )
+
+    async def _read(self, sql: str, args: tuple[Any, ...]) -> list[CalibratorRecord]:
+        def op(conn: sqlite3.Connection) -> list[CalibratorRecord]:
+            return [
+                CalibratorRecord(
+                    model=row[0],
+                    method=row[1],
+                    mode=row[2],
+                    version=int(row[3]),
+                    kind=row[4],
+                    params=json.loads(row[5]),
+                    labels=int(row[6]),
+                    positives=int(row[7]),
+                    negatives=int(row[8]),
+                    window=json.loads(row[9]),
+                    metrics=json.loads(row[10]),
+                    fitted_at=float(row[11]),
+                    status=row[12],
+                )
+                for row in conn.execute(sql, args)
+            ]
+
+        rows: list[CalibratorRecord] = await self._submit(op, durable=False)
+        return rows
+
+    async def labelled_window(self, key: CalibratorKey, n: int) -> list[LabelRow]:
+        """The key's last ``n`` labels in the order they arrived (oldest first): the raw
+        score that was judged, whether it was right, its source, when it came."""
+
+        def op(conn: sqlite3.Connection) -> list[LabelRow]:
+            rows = conn.execute(
+                "SELECT COALESCE(s.raw_confidence, s.confidence), f.correct, f.source, "
+                "f.received_at FROM feedback f JOIN scores s ON s.id = f.id "
+                "WHERE s.model = ? AND s.method = ? AND s.mode = ? ORDER BY f.seq DESC LIMIT ?",
+                (*key, n),
+            ).fetchall()
+            return [LabelRow(float(r[0]), bool(r[1]), r[2], float(r[3])) for r in reversed(rows)]
+
+        rows: list[LabelRow] = await self._submit(op, durable=False)
+        return rows
+
+    async def label_counts(self) -> dict[CalibratorKey, int]:
+        """How many labels each (model, method, mode) has received in all."""
+
+        def op(conn: sqlite3.Connection) -> dict[CalibratorKey, int]:
+            rows = conn.execute(
+                "SELECT s.model, s.method, s.mode, COUNT(*) FROM feedback f "
+                "JOIN scores s ON s.id = f.id GROUP BY s.model, s.method, s.mode"
+            )
+            return {(r[0], r[1], r[2]): int(r[3]) for r in rows}
+
+        counts: dict[CalibratorKey, int] = await self._submit(op, durable=False)
+        return counts
+
+    @contextlib.asynccontextmanager
+    async def refit_lock(self, key: CalibratorKey) -> AsyncIterator[bool]:
+        """Hold the right to refit ``key``: yields True when this caller got it, False when a
+        refit of the key is already running (no waiting). In-process on SQLite (one writer
+        process per database file)."""
+        lock = self._refit_locks.setdefault(key, asyncio.Lock())
+        if lock.locked():
+            yield False
+            return
+        async with lock:
+            yield True
 
     # -- the writer thread -----------------------------------------------------------------
 

@@ -16,16 +16,22 @@ from pydantic import BaseModel
 
 from service.api import security
 from service.api.admission import Admission, DeadlineExceeded, Overloaded, RateMeter
+from service.api.calibrators import serving as calibrators_serving
 from service.api.common import AppState, ServiceUnavailable, app_state, error_response, one_line
+from service.api.errors import install_error_handlers
 from service.api.feedback import serving as feedback_serving
+from service.api.json_body import StrictJSONRoute
 from service.api.limits import BodySizeLimit, document_body_errors
 from service.api.score import serving as score_serving
+from service.api.scores import serving as scores_serving
 from service.api.watchdog import watch_engine
 from service.calibration.budget import planned_prompts
 from service.config import Settings
 from service.engines import build_engine
 from service.engines.base import Engine
+from service.recalibration import load_calibrator_files
 from service.telemetry import Telemetry
+from service.web import serving as web_serving
 
 log = logging.getLogger("ufcal")
 
@@ -51,9 +57,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     # A slot is a 4-option UF question's planned prompts: UFCAL_MAX_CONCURRENCY of those
     # run at once, and a bigger question takes the slots its planned prompts are worth.
     slot_work = planned_prompts("uf", 4, settings.max_prompts_per_question)
+    # Calibrator files are checked now, before any engine starts (CalibratorFileError).
+    imported = load_calibrator_files(settings.calibrator_files())
     state = AppState(
         settings=settings,
-        telemetry=Telemetry(),
+        telemetry=Telemetry(remote_engines=len(settings.engine_urls)),
         template=settings.prompt_template(),
         admission=Admission(
             settings.max_concurrency,
@@ -97,13 +105,21 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await feedback_serving.open_store(state)  # scores, feedback, live calibration
+        # scores, feedback, live calibration, calibrators
+        await feedback_serving.open_store(state, imported)
         state.engine_task = asyncio.create_task(start_engine())
+        refresh = (
+            asyncio.create_task(state.recalibrator.refresh_every(settings.calibrator_refresh_s))
+            if state.recalibrator is not None
+            else None
+        )
         freeze_heap()
         watchdog = asyncio.create_task(watch_engine(state, settings.health_interval_s, on_fatal))
         try:
             yield
         finally:
+            if refresh is not None:
+                refresh.cancel()
             await feedback_serving.close_store(state)
             watchdog.cancel()
             state.engine_task.cancel()
@@ -118,9 +134,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         summary="Calibrated confidence for LLM multiple-choice answers (UF Calibration).",
         lifespan=lifespan,
     )
+    app.router.route_class = StrictJSONRoute  # routes added on the app itself too
     app.state.ufcal = state
     app.state.settings = settings
+    install_error_handlers(app)
     public = security.open_paths(settings.metrics_auth)
+    if settings.ui:  # the page and its assets hold no data; the page asks for the key
+        public |= web_serving.PATHS
     security.document_security(app, public)
     document_body_errors(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
@@ -142,6 +162,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app.include_router(score_serving.router)
     app.include_router(feedback_serving.router)
+    app.include_router(calibrators_serving.router)
+    app.include_router(scores_serving.router)
+    if settings.ui:
+        app.include_router(web_serving.build_router())
 
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz() -> HealthResponse:

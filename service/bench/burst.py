@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "UFCAL_LOG_LEVEL": "warning",
         "UFCAL_DB_PATH": str(Path(scratch) / "ufcal.db"),
     }
-    server = subprocess.Popen(
+    server = subprocess.Popen(  # noqa: S603 # fixed argv: this interpreter, our module
         [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,

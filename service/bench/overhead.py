@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 from service.calibration.prompts import Prompt
 from service.config import Settings
-from service.engines.base import Generation, GenerationParams, LetterRead
+from service.engines.base import Generation, GenerationParams, LetterRead, TokenCounts
 
 QUESTION = {
     "question": "Which gas do plants take from the air for photosynthesis?",
@@ -66,6 +66,9 @@ class InstantEngine:
     ) -> list[Generation]:
         return [Generation([" B"] * p.n, 60, p.n) for p in params]
 
+    async def count_tokens(self, prompts: Sequence[Prompt]) -> TokenCounts:
+        return TokenCounts([60] * len(prompts), 4096)
+
     async def close(self) -> None:
         return None
 
@@ -107,15 +110,16 @@ def split_cores() -> tuple[set[int], set[int]] | None:
 
 
 @contextlib.contextmanager
-def instant_server(cores: set[int] | None = None) -> Any:
-    """Run ``serve_instant`` in a subprocess (on ``cores`` if given); yield its base URL."""
+def instant_server(cores: set[int] | None = None, env: dict[str, str] | None = None) -> Any:
+    """Run ``serve_instant`` in a subprocess (on ``cores`` if given, with ``env`` over the
+    environment); yield its base URL."""
     port = _free_port()
     # A throwaway database: the store's writes are part of the overhead, its rows are not
     # worth keeping.
     db_dir = tempfile.mkdtemp(prefix="ufcal-bench-")
-    env = {**os.environ, "UFCAL_DB_PATH": os.path.join(db_dir, "bench.db")}
+    env = {**os.environ, "UFCAL_DB_PATH": os.path.join(db_dir, "bench.db"), **(env or {})}
     # The log lines are formatted and written as in production, then dropped.
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # noqa: S603 # fixed argv: this interpreter, our module
         [sys.executable, "-m", "service.bench.overhead", str(port)],
         env=env,
         # set before exec, so that every thread of the server inherits it
