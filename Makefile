@@ -39,14 +39,17 @@ unit: install
 integration: model
 	$(BIN)/python -m pytest -m integration -q
 
-# promtool and docker-compose check the deployment files (Debian packages; root installs them).
+# promtool and docker-compose check the deployment files; PostgreSQL serves the store's
+# tests and the replica tests (Debian packages; root installs them).
 tools:
-	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null; then \
+	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends prometheus docker-compose >/dev/null; \
+	      --no-install-recommends prometheus docker-compose postgresql >/dev/null; \
 	  else \
-	    echo "warning: install promtool (prometheus) and docker-compose for the deploy checks" >&2; \
+	    echo "warning: install promtool (prometheus), docker-compose and postgresql" \
+	      "for the deploy and store checks" >&2; \
 	  fi; \
 	fi
 

@@ -167,6 +167,12 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_command(args)
 
 
+def _db(args: argparse.Namespace) -> int:
+    from service.store.migrate import db_command
+
+    return db_command(args, Settings())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ufcal`` command line."""
     parser = argparse.ArgumentParser(prog="ufcal", description=__doc__)
@@ -221,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-overhead", action="store_true", help="skip the service overhead")
     bench.add_argument("--no-engine", action="store_true", help="only the service overhead")
     bench.set_defaults(func=_bench)
+
+    db = sub.add_parser("db", help="the score database: `ufcal db upgrade` runs its migrations")
+    db.add_argument("action", choices=["upgrade"], help="upgrade: migrate to the newest schema")
+    db.set_defaults(func=_db)
 
     metrics = sub.add_parser("metrics", help="calibration metrics of a scored JSONL file")
     metrics.add_argument("file", help="JSONL with 'confidence' and 'correct' per line")

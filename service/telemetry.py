@@ -198,6 +198,17 @@ class Telemetry:
             ("bin",),
             registry=r,
         )
+        self.store_up = Gauge(
+            "ufcal_store_up", "1 if the last database operation succeeded, else 0.", registry=r
+        )
+        self.store_score_queue = Gauge(
+            "ufcal_store_score_queue", "Scores waiting to be written to the database.", registry=r
+        )
+        self.store_scores_dropped = Counter(
+            "ufcal_store_scores_dropped",
+            "Scores dropped because the database was unreachable and the queue was full.",
+            registry=r,
+        )
         self.engine_up.set(0)
 
     # -- scoring ---------------------------------------------------------------------------
@@ -290,6 +301,20 @@ class Telemetry:
                 self.live_bin_accuracy.labels(label).set(b.accuracy)
             if b.confidence is not None:
                 self.live_bin_confidence.labels(label).set(b.confidence)
+
+    # -- the store -------------------------------------------------------------------------
+
+    def set_store_up(self, up: bool) -> None:
+        """Set ``ufcal_store_up`` to 1 or 0."""
+        self.store_up.set(1 if up else 0)
+
+    def set_score_queue(self, n: int) -> None:
+        """Scores waiting for the database."""
+        self.store_score_queue.set(n)
+
+    def observe_scores_dropped(self, n: int) -> None:
+        """Count scores dropped while the database was unreachable."""
+        self.store_scores_dropped.inc(n)
 
     # -- exposition ------------------------------------------------------------------------
 

@@ -4,7 +4,6 @@ successful score: validate, call the store, publish the live calibration, shape 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from typing import Annotated, Any
 
@@ -32,6 +31,7 @@ from service.store import (
     ScoreConflict,
     ScoreRecord,
     Store,
+    StoreUnavailable,
     UnknownScore,
 )
 
@@ -46,7 +46,11 @@ FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "Invalid input, not exactly one of correct / gold_index, or gold_index "
         "out of range for the scored question (loc names the field).",
     },
-    503: {"model": ErrorResponse, "description": "The store is not open."},
+    503: {
+        "model": ErrorResponse,
+        "description": "The database is unreachable or the store is not open; nothing was "
+        "recorded (retry after Retry-After seconds).",
+    },
 }
 
 
@@ -54,19 +58,32 @@ FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 async def open_store(state: AppState) -> None:
-    """Open the SQLite store and publish the live calibration it holds."""
+    """Open the store (migrating its database) and publish the live calibration it holds.
+
+    Fails with ``StoreUnavailable`` naming the database host (never the password) when the
+    database cannot be reached: the service does not start without its store."""
     settings = state.settings
-    state.store = await Store.open(
-        settings.db_path,
-        window=settings.calibration_window,
-        n_bins=settings.calibration_bins,
-        keep_text=settings.log_text,
-    )
+    database = settings.database()
+    try:
+        state.store = await Store.open(
+            database,
+            window=settings.calibration_window,
+            n_bins=settings.calibration_bins,
+            keep_text=settings.log_text,
+            refresh_s=settings.live_refresh_s,
+            score_buffer=settings.db_score_buffer,
+            timeout_s=settings.db_timeout_s,
+            observer=state.telemetry,
+        )
+    except StoreUnavailable as exc:
+        log.error("store not opened: %s", exc)
+        raise
     report = state.store.calibration()
     state.telemetry.set_live_calibration(report)
+    state.telemetry.set_store_up(True)
     log.info(
         "store open",
-        extra={"fields": {"db_path": str(settings.db_path), "window_n": report.n}},
+        extra={"fields": {"db": state.store.backend.where(), "window_n": report.n}},
     )
 
 
@@ -91,7 +108,8 @@ async def record_score(
 ) -> JSONResponse | None:
     """Save a successful score; a 409 reply if its id already has feedback, else ``None``.
 
-    A store failure is logged and does not fail the score (feedback for it will be 404).
+    While the database is unreachable the score waits in the store's queue (or is dropped
+    and counted when the queue is full); neither fails the score.
     """
     if state.store is None:
         return None
@@ -116,7 +134,7 @@ async def record_score(
         )
         log.warning("score not saved", extra={"fields": {"id": response.id, "status": 409}})
         return JSONResponse({"detail": str(exc)}, status_code=409)
-    except (sqlite3.Error, RuntimeError) as exc:
+    except StoreUnavailable as exc:  # closing down
         log.error("score not saved: %s", exc, extra={"fields": {"id": response.id}})
     return None
 
@@ -157,7 +175,8 @@ def _calibration_out(report: LiveCalibration) -> CalibrationResponse:
 async def post_feedback(
     body: FeedbackRequest, state: Annotated[AppState, Depends(app_state)]
 ) -> FeedbackResponse | JSONResponse:
-    """Record whether an earlier answer was right; written to disk before the reply."""
+    """Record whether an earlier answer was right; on disk (or committed by PostgreSQL)
+    before the reply."""
     store = _store(state)
     try:
         record = await store.add_feedback(body.id, correct=body.correct, gold_index=body.gold_index)
@@ -168,10 +187,10 @@ async def post_feedback(
     except GoldIndexOutOfRange as exc:
         issue = {"loc": ["body", "gold_index"], "msg": str(exc), "type": "value_error"}
         return JSONResponse({"detail": [issue]}, status_code=422)
-    except (sqlite3.Error, RuntimeError) as exc:
+    except StoreUnavailable as exc:
         log.error("feedback not saved: %s", exc, extra={"fields": {"id": body.id}})
         return JSONResponse(
-            {"detail": "the feedback store failed; nothing was recorded"},
+            {"detail": "the feedback store is unavailable; nothing was recorded, retry later"},
             status_code=503,
             headers={"Retry-After": "5"},
         )
