@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -228,3 +232,31 @@ async def test_http_while_the_database_is_away(postgres: PostgresServer) -> None
         ).status_code == 201
         metrics = gauges((await client.get("/metrics")).text)
         assert metrics[("ufcal_store_up", frozenset())] == 1
+
+
+# ---------------------------------------------------------------- ufcal db upgrade
+
+
+def _db_upgrade(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("UFCAL_DB")}
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", "db", "upgrade"],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_ufcal_db_upgrade_migrates_and_names_the_host_when_it_cannot(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    done = _db_upgrade({"UFCAL_DB_URL": postgres.new_database()})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["revision"] == head_revision()
+    legacy = _db_upgrade({"UFCAL_DB_PATH": str(tmp_path / "u.db")})
+    assert legacy.returncode == 0 and "sqlite file" in json.loads(legacy.stdout)["database"]
+    refused = _db_upgrade({"UFCAL_DB_URL": postgres.url(password="not-the-password")})
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "127.0.0.1" in refused.stderr and "not-the-password" not in refused.stderr
