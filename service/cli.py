@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--samples", type=int, default=10, help="K for c and d")
     bench.add_argument("--out", default="reports/bench.json", help="JSON report path")
     bench.add_argument("--overhead-requests", type=int, default=2000)
+    bench.add_argument(
+        "--overhead-db-url", default=None, help="also measure the overhead on this database"
+    )
     bench.add_argument("--no-overhead", action="store_true", help="skip the service overhead")
     bench.add_argument("--no-engine", action="store_true", help="only the service overhead")
     bench.set_defaults(func=_bench)

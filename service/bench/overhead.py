@@ -107,13 +107,17 @@ def split_cores() -> tuple[set[int], set[int]] | None:
 
 
 @contextlib.contextmanager
-def instant_server(cores: set[int] | None = None) -> Any:
-    """Run ``serve_instant`` in a subprocess (on ``cores`` if given); yield its base URL."""
+def instant_server(cores: set[int] | None = None, db_url: str | None = None) -> Any:
+    """Run ``serve_instant`` in a subprocess (on ``cores`` if given); yield its base URL.
+    The store is a throwaway SQLite file, or the database ``db_url`` names."""
     port = _free_port()
     # A throwaway database: the store's writes are part of the overhead, its rows are not
     # worth keeping.
     db_dir = tempfile.mkdtemp(prefix="ufcal-bench-")
-    env = {**os.environ, "UFCAL_DB_PATH": os.path.join(db_dir, "bench.db")}
+    env = {k: v for k, v in os.environ.items() if k != "UFCAL_DB_URL"}
+    env["UFCAL_DB_PATH"] = os.path.join(db_dir, "bench.db")
+    if db_url:
+        env["UFCAL_DB_URL"] = db_url
     # The log lines are formatted and written as in production, then dropped.
     process = subprocess.Popen(
         [sys.executable, "-m", "service.bench.overhead", str(port)],
@@ -183,12 +187,12 @@ async def load(url: str, concurrency: int, requests: int) -> dict[str, Any]:
 
 
 def measure_overhead(
-    concurrencies: Sequence[int] = (1, 8, 64), requests: int = 2000
+    concurrencies: Sequence[int] = (1, 8, 64), requests: int = 2000, db_url: str | None = None
 ) -> list[dict[str, Any]]:
     """The overhead table: one row per concurrency (server and client on separate cores
-    where the machine has two or more)."""
+    where the machine has two or more), with the store on SQLite or on ``db_url``."""
     split = split_cores()
-    with instant_server(split[0] if split else None) as url:
+    with instant_server(split[0] if split else None, db_url) as url:
         mine = os.sched_getaffinity(0) if split else None
         if split:
             os.sched_setaffinity(0, split[1])
@@ -198,7 +202,9 @@ def measure_overhead(
         finally:
             if mine is not None:
                 os.sched_setaffinity(0, mine)
+    store = "sqlite" if not db_url else db_url.split(":", 1)[0].split("+", 1)[0]
     for row in rows:
+        row["store"] = store
         row["server_cores"] = sorted(split[0]) if split else "shared"
         row["client_cores"] = sorted(split[1]) if split else "shared"
     return rows
