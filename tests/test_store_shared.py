@@ -22,6 +22,7 @@ from service.store import (
     ScoreRecord,
     Store,
     StoreUnavailable,
+    UnknownScore,
 )
 from service.store.migrate import head_revision
 from tests.postgres import PASSWORD, PostgresServer
@@ -260,3 +261,29 @@ def test_ufcal_db_upgrade_migrates_and_names_the_host_when_it_cannot(
     refused = _db_upgrade({"UFCAL_DB_URL": postgres.url(password="not-the-password")})
     assert refused.returncode == 1 and refused.stdout == ""
     assert "127.0.0.1" in refused.stderr and "not-the-password" not in refused.stderr
+
+
+# ---------------------------------------------------------------- rows the database refuses
+
+
+async def test_a_row_the_database_refuses_is_dropped_alone(postgres: PostgresServer) -> None:
+    """PostgreSQL text cannot hold NUL: such an id is never queued (its feedback is 404),
+    its question text is kept with U+FFFD, and should a refused row reach the writer anyway
+    it is dropped and counted while the rest of its batch is written."""
+    url = postgres.new_database()
+    store = await Store.open(url, keep_text=True)
+    try:
+        await store.save_score(_score("nul\x00id"))
+        with pytest.raises(UnknownScore):
+            await store.add_feedback("nul\x00id", correct=True)
+        text = ScoreRecord(
+            "texty", "m", "uf", "logprobs", 0, 0.5, 0.5, 2, 0.0, "a\x00b", ["x", "y"]
+        )
+        await store.save_score(text)
+        store.backend.storable = lambda key: True  # type: ignore[method-assign]
+        await asyncio.gather(*(store.save_score(_score(i)) for i in ("ok1", "bad\x00", "ok2")))
+        assert store.dropped_scores == 1 and store.up
+    finally:
+        await store.close()
+    rows = dict(await fetch(url, "SELECT id, question FROM scores"))
+    assert set(rows) == {"texty", "ok1", "ok2"} and rows["texty"] == "a\ufffdb"

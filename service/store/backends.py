@@ -70,6 +70,14 @@ class Backend:
         """How long one feedback may take before the store reports the database down."""
         return self.timeout_s
 
+    def storable(self, key: str) -> bool:
+        """Whether ``key`` can be a primary key here."""
+        return True
+
+    def text(self, value: str | None) -> str | None:
+        """``value`` as this database can keep it."""
+        return value
+
     def where(self) -> str:
         """The database's place, for messages (no password)."""
         return describe_url(self.url)
@@ -160,6 +168,12 @@ class PostgresBackend(Backend):
             pool_pre_ping=True,  # a restarted server's dead connections are replaced
             connect_args={"timeout": self.timeout_s, "command_timeout": self.timeout_s},
         )
+
+    def storable(self, key: str) -> bool:
+        return "\x00" not in key  # PostgreSQL text cannot hold NUL
+
+    def text(self, value: str | None) -> str | None:
+        return None if value is None else value.replace("\x00", "\ufffd")
 
     async def prepare_scores(self, conn: AsyncConnection) -> None:
         await conn.exec_driver_sql("SET LOCAL synchronous_commit = off")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import exists, select
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.store import migrate
@@ -77,6 +78,20 @@ class StoreObserver(Protocol):
 class _PendingScore:
     record: ScoreRecord
     waiter: asyncio.Future[None] | None
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is unreachable (as opposed to refusing a row)."""
+    if isinstance(exc, (OSError, TimeoutError, InterfaceError, OperationalError)):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        orig = exc.orig
+        # asyncpg: lost connections, server shutting down or starting (SQLSTATE 08, 57P)
+        code = str(getattr(orig, "sqlstate", "") or "")
+        return isinstance(getattr(orig, "__cause__", None), OSError) or code[:2] in ("08", "57")
+    return False
 
 
 def _reason(exc: BaseException, backend: Backend) -> str:
@@ -204,6 +219,9 @@ class Store:
         score that finds the queue full is dropped and counted (``dropped_scores``)."""
         if self._closing:
             raise StoreUnavailable("the store is closed")
+        if not self.backend.storable(record.id):
+            log.warning("score not saved: its id cannot be stored in %s", self.backend.name)
+            return
         if len(self._buffer) >= self.score_buffer:
             self.dropped_scores += 1
             if self.observer is not None:
@@ -236,7 +254,12 @@ class Store:
                 continue
             batch = list(itertools.islice(self._buffer, MAX_BATCH))
             try:
-                conflicts = await self._write_scores([p.record for p in batch])
+                try:
+                    conflicts = await self._write_scores([p.record for p in batch])
+                except Exception as exc:
+                    if connection_lost(exc):
+                        raise
+                    conflicts = await self._write_one_by_one(batch)  # a row was refused
             except Exception as exc:
                 self._set_up(False, exc)
                 for pending in batch:  # their requests go on; the scores stay queued
@@ -249,23 +272,43 @@ class Store:
                 delay = min(2 * delay, _RETRY_MAX_S)
                 continue
             delay = _RETRY_FIRST_S
-            for _ in batch:
-                self._buffer.popleft()
             self._set_up(True)
-            if self.observer is not None:
-                self.observer.set_score_queue(len(self._buffer))
-            for pending in batch:
-                waiter = pending.waiter
-                if pending.record.id in conflicts:
-                    conflict = ScoreConflict(
-                        f"id {pending.record.id!r} already has feedback; score it under a new id"
-                    )
-                    if waiter is not None and not waiter.done():
-                        waiter.set_exception(conflict)
-                    elif waiter is None:
-                        log.warning("queued score not saved: %s", conflict)
-                elif waiter is not None and not waiter.done():
-                    waiter.set_result(None)
+            self._finish(batch, conflicts)
+
+    async def _write_one_by_one(self, batch: list[_PendingScore]) -> set[str]:
+        """Write a batch that the database refused score by score; drop (and count) the
+        scores it refuses alone, so that one bad row never blocks the queue."""
+        conflicts: set[str] = set()
+        for pending in batch:
+            try:
+                conflicts |= await self._write_scores([pending.record])
+            except Exception as exc:
+                if connection_lost(exc):
+                    raise
+                log.error("score not saved: %s", _reason(exc, self.backend))
+                self.dropped_scores += 1
+                if self.observer is not None:
+                    self.observer.observe_scores_dropped(1)
+        return conflicts
+
+    def _finish(self, batch: list[_PendingScore], conflicts: set[str]) -> None:
+        """Take a written batch off the queue and answer its waiters."""
+        for _ in batch:
+            self._buffer.popleft()
+        if self.observer is not None:
+            self.observer.set_score_queue(len(self._buffer))
+        for pending in batch:
+            waiter = pending.waiter
+            if pending.record.id in conflicts:
+                conflict = ScoreConflict(
+                    f"id {pending.record.id!r} already has feedback; score it under a new id"
+                )
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(conflict)
+                elif waiter is None:
+                    log.warning("queued score not saved: %s", conflict)
+            elif waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     def _score_row(self, r: ScoreRecord) -> dict[str, Any]:
         return {
@@ -278,8 +321,12 @@ class Store:
             "confidence": r.confidence,
             "uncertainty": r.uncertainty,
             "n_options": r.n_options,
-            "question": r.question if self.keep_text else None,
-            "options": json.dumps(list(r.options)) if self.keep_text and r.options else None,
+            "question": self.backend.text(r.question) if self.keep_text else None,
+            "options": (
+                self.backend.text(json.dumps(list(r.options)))
+                if self.keep_text and r.options
+                else None
+            ),
             "raw_confidence": r.raw_confidence,
             "calibrator_version": r.calibrator_version,
         }
@@ -328,13 +375,16 @@ class Store:
             raise ValueError("give exactly one of correct and gold_index")
         if self._closing:
             raise StoreUnavailable("the store is closed")
+        if not self.backend.storable(score_id):  # so it was never stored
+            raise UnknownScore(f"no score with id {score_id!r}")
         try:
             async with asyncio.timeout(self.backend.operation_timeout_s):
                 record, seq = await self._insert_feedback(score_id, correct, gold_index, source)
         except (UnknownScore, FeedbackExists, GoldIndexOutOfRange):
             raise
         except Exception as exc:
-            self._set_up(False, exc)
+            if connection_lost(exc):
+                self._set_up(False, exc)
             raise StoreUnavailable(
                 f"the database is unavailable ({self.backend.where()}); nothing was recorded"
             ) from exc
