@@ -287,3 +287,13 @@ async def test_a_row_the_database_refuses_is_dropped_alone(postgres: PostgresSer
         await store.close()
     rows = dict(await fetch(url, "SELECT id, question FROM scores"))
     assert set(rows) == {"texty", "ok1", "ok2"} and rows["texty"] == "a\ufffdb"
+
+
+async def test_an_in_memory_sqlite_store_keeps_its_rows_while_open() -> None:
+    store = await Store.open(":memory:")
+    try:
+        await store.save_score(_score("m"))
+        assert (await store.add_feedback("m", correct=True)).correct
+        assert store.calibration().n == 1
+    finally:
+        await store.close()

@@ -117,14 +117,14 @@ class SqliteBackend(Backend):
         path = self.url.database
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # One connection: SQLite has one writer anyway, and the store's writes queue on it
+        # in order instead of on the file lock (":memory:" gets SQLAlchemy's static pool,
+        # one connection too, or each connection would see its own empty database).
+        pool: dict[str, Any] = {}
+        if path and path != ":memory:":
+            pool = {"pool_size": 1, "max_overflow": 0, "pool_timeout": self.operation_timeout_s}
         engine = create_async_engine(
-            self.url.set(drivername="sqlite+aiosqlite"),
-            # One connection: SQLite has one writer anyway, and the store's writes queue
-            # on it in order instead of on the file lock.
-            pool_size=1,
-            max_overflow=0,
-            pool_timeout=max(30.0, self.timeout_s),
-            connect_args={"timeout": 30.0},
+            self.url.set(drivername="sqlite+aiosqlite"), connect_args={"timeout": 30.0}, **pool
         )
 
         @event.listens_for(engine.sync_engine, "connect")

@@ -490,7 +490,10 @@ class Store:
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.refresh_s)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # pragma: no cover - keep refreshing whatever happened
+                log.exception("store: live window refresh failed")
 
     # -- locks -----------------------------------------------------------------------------
 
