@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from service.store import (
+    CalibratorRecord,
     FeedbackExists,
     ScoreRecord,
     Store,
@@ -297,3 +298,39 @@ async def test_an_in_memory_sqlite_store_keeps_its_rows_while_open() -> None:
         assert store.calibration().n == 1
     finally:
         await store.close()
+
+
+# ---------------------------------------------------------------- calibrators (issue 10)
+
+
+def _calibrator(version: int = 0, status: str = "active") -> CalibratorRecord:
+    return CalibratorRecord(
+        "m", "uf", "logprobs", version, "platt", {"a": 1.0, "b": 0.0}, 100, 60, 40,
+        {"first": 1.0}, {"ece": 0.05}, time.time(), status,
+    )  # fmt: skip
+
+
+async def test_calibrators_versions_and_labelled_window(db: str) -> None:
+    async with replicas(db, n=1) as (store,):
+        first = await store.save_calibrator(_calibrator())
+        second = await store.save_calibrator(_calibrator())
+        rejected = await store.save_calibrator(_calibrator(status="rejected"))
+        assert (first.version, second.version, rejected.version) == (1, 2, 3)
+        versions = await store.calibrator_versions()
+        assert [(c.version, c.status) for c in versions] == [
+            (1, "retired"), (2, "active"), (3, "rejected"),
+        ]  # fmt: skip
+        assert [c.version for c in await store.active_calibrators()] == [2]
+        assert versions[1].params == {"a": 1.0, "b": 0.0} and versions[1].metrics["ece"] == 0.05
+        raw = ScoreRecord("w1", "m", "uf", "logprobs", 0, 0.9, 0.1, 4, 0.0, raw_confidence=0.7)
+        await store.save_score(raw)
+        await store.save_score(_score("w2", 0.4))
+        await store.add_feedback("w1", correct=True, source="key-hash")
+        await store.add_feedback("w2", correct=False)
+        window = await store.labelled_window(("m", "uf", "logprobs"), 10)
+        assert [(r.raw_confidence, r.correct, r.source) for r in window] == [
+            (0.7, True, "key-hash"), (0.4, False, None),
+        ]  # fmt: skip
+        assert await store.label_counts() == {("m", "uf", "logprobs"): 2}
+        assert store.raw_calibration().n == 2
+        assert store.calibration().bins != store.raw_calibration().bins

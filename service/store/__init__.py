@@ -6,9 +6,12 @@ schema versions, and ``store`` the operations and the live calibration window.
 """
 
 from service.store.records import (
+    CalibratorKey,
+    CalibratorRecord,
     FeedbackExists,
     FeedbackRecord,
     GoldIndexOutOfRange,
+    LabelRow,
     LiveCalibration,
     ScoreConflict,
     ScoreRecord,
@@ -21,9 +24,12 @@ from service.store.store import MAX_BATCH, Store, StoreObserver
 
 __all__ = [
     "MAX_BATCH",
+    "CalibratorKey",
+    "CalibratorRecord",
     "FeedbackExists",
     "FeedbackRecord",
     "GoldIndexOutOfRange",
+    "LabelRow",
     "LiveCalibration",
     "ScoreConflict",
     "ScoreRecord",

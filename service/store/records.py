@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from service.calibration.metrics import ReliabilityBin, calibration_report
 
@@ -56,6 +57,7 @@ class ScoreRecord:
     created_at: float
     question: str | None = None
     options: Sequence[str] | None = None
+    #: The method's own score (``confidence`` is what was returned); None = the same.
     raw_confidence: float | None = None
     calibrator_version: int | None = None
 
@@ -69,6 +71,48 @@ class FeedbackRecord:
     gold_index: int | None
     answer_index: int
     confidence: float
+    received_at: float
+    raw_confidence: float = 0.0
+    model: str = ""
+    method: str = ""
+    mode: str = ""
+    source: str | None = None
+
+
+#: The key of a calibrator: (model, method, mode).
+CalibratorKey = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class CalibratorRecord:
+    """One stored calibrator version (the ``calibrators`` table; JSON columns decoded)."""
+
+    model: str
+    method: str
+    mode: str
+    version: int
+    kind: str
+    params: dict[str, Any]
+    labels: int
+    positives: int
+    negatives: int
+    window: dict[str, Any]
+    metrics: dict[str, Any]
+    fitted_at: float
+    status: str
+
+    @property
+    def key(self) -> CalibratorKey:
+        return (self.model, self.method, self.mode)
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One label of a key's window: the raw score, the truth, who sent it, when."""
+
+    raw_confidence: float
+    correct: bool
+    source: str | None
     received_at: float
 
 

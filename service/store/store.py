@@ -31,20 +31,23 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.store import migrate
 from service.store.backends import Backend, backend_for
 from service.store.records import (
+    CalibratorKey,
+    CalibratorRecord,
     FeedbackExists,
     FeedbackRecord,
     GoldIndexOutOfRange,
+    LabelRow,
     LiveCalibration,
     ScoreConflict,
     ScoreRecord,
@@ -52,7 +55,7 @@ from service.store.records import (
     UnknownScore,
     live_calibration,
 )
-from service.store.tables import feedback, scores
+from service.store.tables import calibrators, feedback, scores
 
 log = logging.getLogger("ufcal.store")
 
@@ -72,6 +75,9 @@ class StoreObserver(Protocol):
     def set_store_up(self, up: bool) -> None: ...
     def set_score_queue(self, n: int) -> None: ...
     def observe_scores_dropped(self, n: int) -> None: ...
+
+
+_Label = tuple[int, float, float, bool]
 
 
 @dataclass
@@ -141,9 +147,11 @@ class Store:
         self._refresher: asyncio.Task[None] | None = None
         self._closing = False
         self._up = True
-        self._labels: deque[tuple[int, float, bool]] = deque(maxlen=window)
-        self._since_refresh: list[tuple[int, float, bool]] | None = None
+        # (feedback.seq, returned confidence, raw confidence, correct), oldest first
+        self._labels: deque[_Label] = deque(maxlen=window)
+        self._since_refresh: list[_Label] | None = None
         self._report = live_calibration([], [], window, n_bins)
+        self._raw_report = self._report
         self._stale = False
 
     # -- life cycle ------------------------------------------------------------------------
@@ -327,7 +335,7 @@ class Store:
                 if self.keep_text and r.options
                 else None
             ),
-            "raw_confidence": r.raw_confidence,
+            "raw_confidence": r.confidence if r.raw_confidence is None else r.raw_confidence,
             "calibrator_version": r.calibrator_version,
         }
 
@@ -389,7 +397,7 @@ class Store:
                 f"the database is unavailable ({self.backend.where()}); nothing was recorded"
             ) from exc
         self._set_up(True)
-        label = (seq, record.confidence, record.correct)
+        label = (seq, record.confidence, record.raw_confidence, record.correct)
         self._labels.append(label)
         if self._since_refresh is not None:
             self._since_refresh.append(label)
@@ -403,7 +411,15 @@ class Store:
             await self.backend.prepare_feedback(conn)
             row = (
                 await conn.execute(
-                    select(scores.c.answer_index, scores.c.confidence, scores.c.n_options)
+                    select(
+                        scores.c.answer_index,
+                        scores.c.confidence,
+                        scores.c.n_options,
+                        func.coalesce(scores.c.raw_confidence, scores.c.confidence),
+                        scores.c.model,
+                        scores.c.method,
+                        scores.c.mode,
+                    )
                     .where(scores.c.id == score_id)
                     .with_for_update()  # a re-score of this id waits for our commit
                 )
@@ -435,7 +451,19 @@ class Store:
             if seq is None:
                 raise FeedbackExists(f"id {score_id!r} already has feedback")
             await conn.commit()
-        record = FeedbackRecord(score_id, is_correct, gold_index, answer_index, confidence, now)
+        record = FeedbackRecord(
+            score_id,
+            is_correct,
+            gold_index,
+            answer_index,
+            confidence,
+            now,
+            raw_confidence=float(row[3]),
+            model=str(row[4]),
+            method=str(row[5]),
+            mode=str(row[6]),
+            source=source,
+        )
         return record, int(seq)
 
     # -- live calibration ------------------------------------------------------------------
@@ -443,25 +471,41 @@ class Store:
     def calibration(self) -> LiveCalibration:
         """The live window's calibration: this replica's labels as they commit, and on a
         shared database everyone's as of the last refresh."""
-        if self._stale:
-            self._report = live_calibration(
-                [c for _, c, _ in self._labels], [k for _, _, k in self._labels],
-                self.window, self.n_bins,
-            )  # fmt: skip
-            self._stale = False
+        self._recompute()
         return self._report
 
-    async def _read_window(self) -> list[tuple[int, float, bool]]:
+    def raw_calibration(self) -> LiveCalibration:
+        """The same window's calibration of the methods' raw scores."""
+        self._recompute()
+        return self._raw_report
+
+    def _recompute(self) -> None:
+        if self._stale:
+            correct = [k for *_, k in self._labels]
+            self._report = live_calibration(
+                [c for _, c, _, _ in self._labels], correct, self.window, self.n_bins
+            )
+            self._raw_report = live_calibration(
+                [r for _, _, r, _ in self._labels], correct, self.window, self.n_bins
+            )
+            self._stale = False
+
+    async def _read_window(self) -> list[_Label]:
         """The last ``window`` labels from the database, oldest first."""
         query = (
-            select(feedback.c.seq, scores.c.confidence, feedback.c.correct)
+            select(
+                feedback.c.seq,
+                scores.c.confidence,
+                func.coalesce(scores.c.raw_confidence, scores.c.confidence),
+                feedback.c.correct,
+            )
             .join_from(feedback, scores, feedback.c.id == scores.c.id)
             .order_by(feedback.c.seq.desc())
             .limit(self.window)
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [(int(s), float(c), bool(k)) for s, c, k in reversed(rows)]
+        return [(int(s), float(c), float(r), bool(k)) for s, c, r, k in reversed(rows)]
 
     async def refresh(self) -> bool:
         """Re-read the live window from the database (every replica's labels); False if the
@@ -475,10 +519,10 @@ class Store:
             return False
         finally:
             mine, self._since_refresh = self._since_refresh, None
-        merged = {seq: (c, k) for seq, c, k in rows}
-        for seq, c, k in mine or ():  # committed here while the query ran
-            merged[seq] = (c, k)
-        fresh = [(seq, c, k) for seq, (c, k) in sorted(merged.items())[-self.window :]]
+        merged = {label[0]: label for label in rows}
+        for label in mine or ():  # committed here while the query ran
+            merged[label[0]] = label
+        fresh = [merged[seq] for seq in sorted(merged)[-self.window :]]
         self._set_up(True)
         if fresh != list(self._labels):
             self._labels = deque(fresh, maxlen=self.window)
@@ -494,6 +538,120 @@ class Store:
                 await self.refresh()
             except Exception:  # pragma: no cover - keep refreshing whatever happened
                 log.exception("store: live window refresh failed")
+
+    # -- calibrators (issue 10's recalibration) -----------------------------------------------
+
+    async def save_calibrator(self, record: CalibratorRecord) -> CalibratorRecord:
+        """Store a calibrator version; returns it with its version number (the key's next,
+        assigned in the same transaction when ``record.version`` is 0). Saving one as
+        ``active`` retires the key's previous active version in the same transaction."""
+        key_is = (
+            (calibrators.c.model == record.model)
+            & (calibrators.c.method == record.method)
+            & (calibrators.c.mode == record.mode)
+        )
+        async with self.engine.connect() as conn:
+            await self.backend.prepare_feedback(conn)  # durable, like a label
+            version = record.version
+            if version <= 0:
+                latest = await conn.execute(
+                    select(func.coalesce(func.max(calibrators.c.version), 0)).where(key_is)
+                )
+                version = int(latest.scalar_one()) + 1
+            if record.status == "active":
+                await conn.execute(
+                    update(calibrators)
+                    .where(key_is & (calibrators.c.status == "active"))
+                    .values(status="retired")
+                )
+            await conn.execute(
+                calibrators.insert().values(
+                    model=record.model,
+                    method=record.method,
+                    mode=record.mode,
+                    version=version,
+                    kind=record.kind,
+                    params=json.dumps(record.params),
+                    labels=record.labels,
+                    positives=record.positives,
+                    negatives=record.negatives,
+                    window_json=json.dumps(record.window),
+                    metrics_json=json.dumps(record.metrics),
+                    fitted_at=record.fitted_at,
+                    status=record.status,
+                )
+            )
+            await conn.commit()
+        return replace(record, version=version)
+
+    async def calibrator_versions(self) -> list[CalibratorRecord]:
+        """Every stored calibrator version, by key and version."""
+        return await self._read_calibrators(active_only=False)
+
+    async def active_calibrators(self) -> list[CalibratorRecord]:
+        """The active version of every key that has one."""
+        return await self._read_calibrators(active_only=True)
+
+    async def _read_calibrators(self, *, active_only: bool) -> list[CalibratorRecord]:
+        c = calibrators.c
+        query = select(
+            c.model, c.method, c.mode, c.version, c.kind, c.params, c.labels, c.positives,
+            c.negatives, c.window_json, c.metrics_json, c.fitted_at, c.status,
+        ).order_by(c.model, c.method, c.mode, c.version)  # fmt: skip
+        if active_only:
+            query = query.where(c.status == "active")
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            CalibratorRecord(
+                model=row[0],
+                method=row[1],
+                mode=row[2],
+                version=int(row[3]),
+                kind=row[4],
+                params=json.loads(row[5]),
+                labels=int(row[6]),
+                positives=int(row[7]),
+                negatives=int(row[8]),
+                window=json.loads(row[9] or "{}"),
+                metrics=json.loads(row[10] or "{}"),
+                fitted_at=float(row[11]),
+                status=row[12],
+            )
+            for row in rows
+        ]
+
+    async def labelled_window(self, key: CalibratorKey, n: int) -> list[LabelRow]:
+        """The key's last ``n`` labels in the order they arrived (oldest first): the raw
+        score that was judged, whether it was right, its source, when it came."""
+        model, method, mode = key
+        query = (
+            select(
+                func.coalesce(scores.c.raw_confidence, scores.c.confidence),
+                feedback.c.correct,
+                feedback.c.source,
+                feedback.c.received_at,
+            )
+            .join_from(feedback, scores, feedback.c.id == scores.c.id)
+            .where((scores.c.model == model) & (scores.c.method == method))
+            .where(scores.c.mode == mode)
+            .order_by(feedback.c.seq.desc())
+            .limit(n)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [LabelRow(float(r[0]), bool(r[1]), r[2], float(r[3])) for r in reversed(rows)]
+
+    async def label_counts(self) -> dict[CalibratorKey, int]:
+        """How many labels each (model, method, mode) has received in all."""
+        query = (
+            select(scores.c.model, scores.c.method, scores.c.mode, func.count())
+            .join_from(feedback, scores, feedback.c.id == scores.c.id)
+            .group_by(scores.c.model, scores.c.method, scores.c.mode)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {(r[0], r[1], r[2]): int(r[3]) for r in rows}
 
     # -- locks -----------------------------------------------------------------------------
 
