@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Database connect/statement timeout; /feedback answers 503 beyond it.",
     )
+    db_pool_size: int = Field(
+        default=8,
+        ge=1,
+        description="PostgreSQL connections per replica (keep replicas x this under the "
+        "server's max_connections, 100 by default).",
+    )
     db_score_buffer: int = Field(
         default=10_000,
         ge=1,

@@ -60,9 +60,10 @@ class Backend:
     shared: ClassVar[bool]
     insert: ClassVar[Callable[..., Any]]
 
-    def __init__(self, url: URL, timeout_s: float) -> None:
+    def __init__(self, url: URL, timeout_s: float, pool_size: int = 8) -> None:
         self.url = url
         self.timeout_s = timeout_s
+        self.pool_size = pool_size
         self._local_locks: dict[str, asyncio.Lock] = {}
 
     @property
@@ -159,14 +160,22 @@ class PostgresBackend(Backend):
     shared = True
     insert = staticmethod(postgresql.insert)
 
+    @property
+    def operation_timeout_s(self) -> float:
+        # Beyond the connect and statement timeouts: waiting for a free pooled connection
+        # behind a burst of feedback is back-pressure, not an outage.
+        return max(30.0, 3 * self.timeout_s)
+
     def create_engine(self) -> AsyncEngine:
         return create_async_engine(
             self.url.set(drivername="postgresql+asyncpg"),
-            pool_size=10,
-            max_overflow=10,
-            pool_timeout=self.timeout_s,
+            pool_size=self.pool_size,
+            max_overflow=0,
+            pool_timeout=self.operation_timeout_s,
             pool_pre_ping=True,  # a restarted server's dead connections are replaced
-            connect_args={"timeout": self.timeout_s, "command_timeout": self.timeout_s},
+            # An unreachable server fails the connect after timeout_s; a statement that
+            # hangs (a server gone without a reset) after twice that.
+            connect_args={"timeout": self.timeout_s, "command_timeout": 2 * self.timeout_s},
         )
 
     def storable(self, key: str) -> bool:
@@ -219,11 +228,11 @@ def parse_url(url: str) -> URL:
     return parsed
 
 
-def backend_for(url: str | Path, timeout_s: float = 5.0) -> Backend:
+def backend_for(url: str | Path, timeout_s: float = 5.0, pool_size: int = 8) -> Backend:
     """The configuration for ``url`` (``sqlite:///...``, ``postgresql://...``) or a path."""
     if isinstance(url, Path) or "://" not in url:
         return SqliteBackend(URL.create("sqlite", database=str(url)), timeout_s)
     parsed = parse_url(url)
     if parsed.get_backend_name() == "sqlite":
         return SqliteBackend(parsed, timeout_s)
-    return PostgresBackend(parsed, timeout_s)
+    return PostgresBackend(parsed, timeout_s, pool_size)

@@ -127,11 +127,12 @@ class Store:
         refresh_s: float = 2.0,
         score_buffer: int = 10_000,
         timeout_s: float = 5.0,
+        pool_size: int = 8,
         observer: StoreObserver | None = None,
     ) -> None:
         if window < 1 or n_bins < 1:
             raise ValueError("window and n_bins must be >= 1")
-        self.backend = backend_for(url, timeout_s)
+        self.backend = backend_for(url, timeout_s, pool_size)
         self.window = window
         self.n_bins = n_bins
         self.keep_text = keep_text

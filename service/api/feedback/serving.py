@@ -73,6 +73,7 @@ async def open_store(state: AppState) -> None:
             refresh_s=settings.live_refresh_s,
             score_buffer=settings.db_score_buffer,
             timeout_s=settings.db_timeout_s,
+            pool_size=settings.db_pool_size,
             observer=state.telemetry,
         )
     except StoreUnavailable as exc:
