@@ -11,7 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -334,3 +334,17 @@ async def test_calibrators_versions_and_labelled_window(db: str) -> None:
         assert await store.label_counts() == {("m", "uf", "logprobs"): 2}
         assert store.raw_calibration().n == 2
         assert store.calibration().bins != store.raw_calibration().bins
+
+
+async def test_feedback_right_after_an_unawaited_score_finds_it(new_db: Callable[[], str]) -> None:
+    """/score does not wait for the commit of an id the service made up; feedback sent at
+    once, to the same replica or (PostgreSQL) to another, still finds the score."""
+    url = new_db()
+    async with replicas(url) as (a, b):
+        await a.save_score(_score("fresh1"), wait=False)
+        assert (await a.add_feedback("fresh1", correct=True)).correct
+        if a.backend.shared:
+            await a.save_score(_score("fresh2"), wait=False)
+            assert (await b.add_feedback("fresh2", correct=False)).correct is False
+        with pytest.raises(UnknownScore):
+            await b.add_feedback("never-scored", correct=True)

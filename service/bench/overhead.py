@@ -129,7 +129,7 @@ def instant_server(cores: set[int] | None = None, db_url: str | None = None) -> 
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # imports alone take 20 s on a busy machine
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/readyz", timeout=1).status_code == 200:

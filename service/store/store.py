@@ -65,6 +65,8 @@ MAX_BATCH = 256
 _MAX_SQL_VARIABLES = 500
 #: The writer's back-off while the database is unreachable (seconds, doubling).
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.2, 5.0
+#: Pauses before looking again for an unknown id on a shared database (seconds).
+_UNKNOWN_RETRIES_S = (0.05, 0.1, 0.2)
 _SCORE_COLUMNS = [c.name for c in scores.columns if c.name != "id"]
 
 
@@ -143,6 +145,7 @@ class Store:
         self.dropped_scores = 0
         self._engine: AsyncEngine | None = None
         self._buffer: deque[_PendingScore] = deque()
+        self._pending: dict[str, _PendingScore] = {}  # the newest queued score of each id
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
@@ -220,12 +223,14 @@ class Store:
 
     # -- scores ----------------------------------------------------------------------------
 
-    async def save_score(self, record: ScoreRecord) -> None:
-        """Queue a score for the writer and wait for its batch (at most ``timeout_s``, and
-        not at all while the database is unreachable).
+    async def save_score(self, record: ScoreRecord, *, wait: bool = True) -> None:
+        """Queue a score for the writer; with ``wait``, wait for its batch (at most
+        ``timeout_s``, and not at all while the database is unreachable).
 
-        Raises ``ScoreConflict`` if the id already has feedback (the old score is kept). A
-        score that finds the queue full is dropped and counted (``dropped_scores``)."""
+        Raises ``ScoreConflict`` if the id already has feedback (the old score is kept); only
+        a waiting caller learns it, so pass ``wait=False`` for an id that cannot be taken
+        (one the service made up). A score that finds the queue full is dropped and counted
+        (``dropped_scores``)."""
         if self._closing:
             raise StoreUnavailable("the store is closed")
         if not self.backend.storable(record.id):
@@ -237,10 +242,12 @@ class Store:
                 self.observer.observe_scores_dropped(1)
             return
         waiter: asyncio.Future[None] | None = None
-        if self._up:
+        if wait and self._up:
             waiter = asyncio.get_running_loop().create_future()
             waiter.add_done_callback(_retrieve)
-        self._buffer.append(_PendingScore(record, waiter))
+        pending = _PendingScore(record, waiter)
+        self._buffer.append(pending)
+        self._pending[record.id] = pending
         self._wake.set()
         if waiter is not None:
             with contextlib.suppress(TimeoutError):
@@ -303,7 +310,9 @@ class Store:
     def _finish(self, batch: list[_PendingScore], conflicts: set[str]) -> None:
         """Take a written batch off the queue and answer its waiters."""
         for _ in batch:
-            self._buffer.popleft()
+            done = self._buffer.popleft()
+            if self._pending.get(done.record.id) is done:
+                del self._pending[done.record.id]
         if self.observer is not None:
             self.observer.set_score_queue(len(self._buffer))
         for pending in batch:
@@ -386,9 +395,18 @@ class Store:
             raise StoreUnavailable("the store is closed")
         if not self.backend.storable(score_id):  # so it was never stored
             raise UnknownScore(f"no score with id {score_id!r}")
+        await self._written(score_id)
         try:
             async with asyncio.timeout(self.backend.operation_timeout_s):
                 record, seq = await self._insert_feedback(score_id, correct, gold_index, source)
+                # Scored on another replica a moment ago, its batch maybe not yet committed.
+                for delay in _UNKNOWN_RETRIES_S if self.backend.shared else ():
+                    if record is not None:
+                        break
+                    await asyncio.sleep(delay)
+                    record, seq = await self._insert_feedback(score_id, correct, gold_index, source)
+                if record is None:
+                    raise UnknownScore(f"no score with id {score_id!r}")
         except (UnknownScore, FeedbackExists, GoldIndexOutOfRange):
             raise
         except Exception as exc:
@@ -405,9 +423,22 @@ class Store:
         self._stale = True
         return record
 
+    async def _written(self, score_id: str) -> None:
+        """Wait until a score of ``score_id`` queued here is committed (or the wait fails)."""
+        pending = self._pending.get(score_id)
+        if pending is None or not self._up:
+            return
+        if pending.waiter is None:
+            pending.waiter = asyncio.get_running_loop().create_future()
+            pending.waiter.add_done_callback(_retrieve)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.timeout_s):
+                await asyncio.shield(pending.waiter)
+
     async def _insert_feedback(
         self, score_id: str, correct: bool | None, gold_index: int | None, source: str | None
-    ) -> tuple[FeedbackRecord, int]:
+    ) -> tuple[FeedbackRecord | None, int]:
+        """Insert the label in one durable transaction; ``(None, 0)`` for an unknown id."""
         async with self.engine.connect() as conn:
             await self.backend.prepare_feedback(conn)
             row = (
@@ -426,7 +457,7 @@ class Store:
                 )
             ).first()
             if row is None:
-                raise UnknownScore(f"no score with id {score_id!r}")
+                return None, 0
             answer_index, confidence, n_options = int(row[0]), float(row[1]), int(row[2])
             taken = await conn.execute(select(feedback.c.seq).where(feedback.c.id == score_id))
             if taken.first() is not None:

@@ -128,7 +128,9 @@ async def record_score(
         options=body.options,
     )
     try:
-        await state.store.save_score(record)
+        # An id the service made up cannot have feedback yet: /score need not wait for the
+        # commit. A client's own id may be taken (409), so that /score waits for its batch.
+        await state.store.save_score(record, wait=body.id is not None)
     except ScoreConflict as exc:
         state.telemetry.observe_error(
             response.method, response.mode, 409, response.latency_ms / 1000.0
