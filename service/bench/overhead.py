@@ -22,6 +22,9 @@ from service.calibration.prompts import Prompt
 from service.config import Settings
 from service.engines.base import Generation, GenerationParams, LetterRead
 
+#: How long the instant-engine server may take to start (imports alone take 20 s and more
+#: on a busy machine).
+START_TIMEOUT_S = 120.0
 QUESTION = {
     "question": "Which gas do plants take from the air for photosynthesis?",
     "options": ["Oxygen", "Carbon dioxide", "Nitrogen", "Helium"],
@@ -129,7 +132,7 @@ def instant_server(cores: set[int] | None = None, db_url: str | None = None) -> 
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120  # imports alone take 20 s on a busy machine
+        deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/readyz", timeout=1).status_code == 200:
