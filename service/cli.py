@@ -1,133 +1,170 @@
-"""``ufcal serve | score | metrics``."""
+"""``ufcal serve | score | metrics | model | bench | eval``.
+
+Every command checks its arguments, input files and settings before it starts an engine,
+and fails with a one-line message naming the argument (exit status 2). Every command but
+``serve`` writes only its data to stdout (JSON lines, the JSON report, the table) and its
+logs (JSON lines), progress and engine output to stderr."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import logging
-import math
-import os
-import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service.config import Settings
+from service.cli_args import (
+    ArgumentError,
+    OneLineParser,
+    at_least,
+    check_engine_settings,
+    fraction,
+    input_file,
+    load_settings,
+    output_dir,
+    output_file,
+)
+from service.evaluation.arguments import METHOD_NAMES, add_eval_arguments
+
+if TYPE_CHECKING:
+    from service.api.score.protocol import ScoreRequest
+    from service.config import Settings
+
+_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _port(text: str) -> int:
+    port = at_least(1)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be <= 65535, got {port}")
+    return port
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.api.app import create_app
-    from service.telemetry import configure_logging
+    from service.server import serve
 
-    settings = Settings()
-    configure_logging(settings.log_level)
-    host = args.host or settings.host
-    port = args.port or settings.port
-    return run_server(create_app(settings), settings, host, port)
+    settings = load_settings()
+    check_engine_settings(settings)
+    return serve(settings, args.host or settings.host, args.port or settings.port)
 
 
-def run_server(app: Any, settings: Settings, host: str, port: int) -> int:
-    """Serve ``app`` until SIGTERM/SIGINT: stop accepting, let in-flight requests finish
-    within ``UFCAL_SHUTDOWN_GRACE_S``, then exit 0; or exit non-zero when the app asks for
-    it (the in-process engine died, so the orchestrator should restart the service)."""
-    import uvicorn
+# -- ufcal score ---------------------------------------------------------------------------
 
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level=settings.log_level,
-            log_config=None,  # keep the JSON log lines configured above
-            timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
-        )
+
+@dataclass(frozen=True)
+class _Scorable:
+    """One checked question of ``ufcal score``: its request and the gold index, if given."""
+
+    request: ScoreRequest
+    gold: int | None
+
+
+def _request(args: argparse.Namespace, row_id: str, question: Any, options: Any) -> ScoreRequest:
+    from service.api.score.protocol import ScoreRequest
+
+    return ScoreRequest(
+        id=row_id,
+        question=question,
+        options=options,
+        method=args.method,
+        mode=args.mode,
+        samples=args.samples,
     )
 
-    def request_shutdown() -> None:  # the same path as SIGTERM: drain, then stop
-        server.should_exit = True
 
-    app.state.request_shutdown = request_shutdown
-    # uvicorn re-raises the signal it caught once it has drained; with these handlers that
-    # ends here (exit 0) instead of killing the process by the default SIGTERM action.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: None)
-    server.run()
-    code = int(getattr(app.state.ufcal, "exit_code", 0) or 0)
-    if code:  # the engine died: its leftover threads would hold the exit for seconds
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+def _field_errors(exc: Exception) -> str:
+    from pydantic import ValidationError
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'row'}: {e['msg']}" for e in exc.errors()
+    )
 
 
-def _questions(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+def _file_questions(args: argparse.Namespace, path: Path) -> list[_Scorable]:
+    """Every question of the file (up to ``--limit``), checked before the engine starts."""
+    items: list[_Scorable] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            if args.limit is not None and len(items) >= args.limit:
+                break
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("expected a JSON object")
+                for key in ("question", "options"):
+                    if key not in row:
+                        raise ValueError(f'missing field "{key}"')
+                request = _request(
+                    args, str(row.get("id", number)), row["question"], row["options"]
+                )
+                gold = row.get("answer")
+                if gold is not None and (
+                    isinstance(gold, bool)
+                    or not isinstance(gold, int)
+                    or not 0 <= gold < len(request.options)
+                ):
+                    raise ValueError('"answer" must be the 0-based index of an option')
+            except (ValueError, TypeError) as exc:
+                raise ArgumentError(f"--file {path}: line {number}: {_field_errors(exc)}") from None
+            items.append(_Scorable(request, gold))
+    if not items:
+        raise ArgumentError(f"--file {path}: no questions")
+    return items
+
+
+def _score_questions(args: argparse.Namespace, settings: Settings) -> list[_Scorable]:
+    if args.samples is not None and args.samples > settings.max_samples:
+        raise ArgumentError(f"argument --samples: must be <= {settings.max_samples}")
     if args.file:
-        with Path(args.file).open(encoding="utf-8") as handle:
-            count = 0
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                if args.limit is not None and count >= args.limit:
-                    return
-                try:
-                    row = json.loads(line)
-                    yield {
-                        "id": str(row.get("id", number)),
-                        "question": str(row["question"]),
-                        "options": [str(o) for o in row["options"]],
-                        "gold": row.get("answer"),
-                    }
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise SystemExit(f"{args.file}: line {number}: {exc}") from exc
-                count += 1
-    else:
-        if not args.question or not args.option:
-            raise SystemExit("give --question and two or more --option, or --file")
-        yield {"id": "1", "question": args.question, "options": args.option, "gold": None}
+        if args.question or args.option:
+            raise ArgumentError("give --file, or --question with --option, not both")
+        return _file_questions(args, input_file(args.file, "--file"))
+    if not args.question:
+        raise ArgumentError("argument --question: required (or give --file)")
+    if not args.option or len(args.option) < 2:
+        raise ArgumentError("argument --option: give two or more (one per option, in order)")
+    try:
+        return [_Scorable(_request(args, "1", args.question, args.option), None)]
+    except ValueError as exc:
+        raise ArgumentError(_field_errors(exc).replace("options", "--option", 1)) from None
 
 
-async def _score_all(args: argparse.Namespace) -> int:
-    from service.api.score.protocol import ScoreRequest
+async def _score_all(args: argparse.Namespace, settings: Settings, items: list[_Scorable]) -> int:
     from service.api.score.serving import score_params, to_response
     from service.calibration.prompts import Question
     from service.engines import build_engine
     from service.scoring import Unscorable, score
 
-    settings = Settings()
     engine = await build_engine(settings)
     await engine.start()
     template = settings.prompt_template()
 
-    async def one(item: dict[str, Any]) -> str:
-        body = ScoreRequest(
-            id=item["id"],
-            question=item["question"],
-            options=item["options"],
-            method=args.method,
-            mode=args.mode or settings.mode,
-            samples=args.samples or settings.samples,
-        )
+    async def one(item: _Scorable) -> str:
+        body = item.request
         question = Question(body.question, tuple(body.options))
         try:
             result = await score(question, engine, score_params(body, settings), template)
         except Unscorable as exc:
-            return json.dumps({"id": item["id"], "error": str(exc)})
-        out = to_response(result, item["id"]).model_dump()
-        if item["gold"] is not None:
-            out["gold"] = item["gold"]
-            out["correct"] = result.answer == item["gold"]
+            return json.dumps({"id": body.id, "error": str(exc)})
+        out = to_response(result, body.id or "").model_dump()
+        if item.gold is not None:
+            out["gold"] = item.gold
+            out["correct"] = result.answer == item.gold
         return json.dumps(out)
 
     try:
         # Keep several questions in flight so that the engine batches across them,
         # and print in input order.
         queue: list[asyncio.Task[str]] = []
-        for item in _questions(args):
-            task = asyncio.create_task(one(item))
-            queue.append(task)
+        for item in items:
+            queue.append(asyncio.create_task(one(item)))
             if len(queue) >= args.concurrency:
                 print(await queue.pop(0), flush=True)
         for task in queue:
@@ -138,16 +175,26 @@ async def _score_all(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    return asyncio.run(_score_all(args))
+    settings = load_settings()
+    items = _score_questions(args, settings)
+    check_engine_settings(settings)
+    return asyncio.run(_score_all(args, settings, items))
+
+
+# -- the other commands --------------------------------------------------------------------
 
 
 def _metrics(args: argparse.Namespace) -> int:
     from service.evaluation.metrics_file import metrics_command
 
+    input_file(args.file, "FILE")
     return metrics_command(args.file, args.bins)
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from service.evaluation.arguments import check_eval_arguments
+
+    check_eval_arguments(args, load_settings())  # before the numerical code is imported
     from service.evaluation.command import eval_command
 
     return eval_command(args)
@@ -156,46 +203,53 @@ def _eval(args: argparse.Namespace) -> int:
 def _model(args: argparse.Namespace) -> int:
     from service.engines.embedded import prepare_embedded_model
 
-    settings = Settings()
-    print(prepare_embedded_model(Path(args.cache) if args.cache else settings.model_cache))
+    settings = load_settings()
+    cache = output_dir(args.cache, "--cache") if args.cache else settings.model_cache
+    print(prepare_embedded_model(cache))
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
     from service.bench.cli import bench_command
 
-    return bench_command(args)
+    if args.no_engine and args.no_overhead:
+        raise ArgumentError("--no-engine with --no-overhead leaves nothing to measure")
+    bad = sorted(set(args.variants) - set("abcde"))
+    if bad or not args.variants:
+        raise ArgumentError(f"argument --variants: letters from abcde, got {args.variants!r}")
+    output_file(args.out, "--out")
+    settings = load_settings(**({"engine_url": args.engine_url} if args.engine_url else {}))
+    if not args.no_engine:
+        input_file(args.data, "--data")
+        check_engine_settings(settings, "--engine-url" if args.engine_url else None)
+    return bench_command(args, settings)
 
 
 def _db(args: argparse.Namespace) -> int:
     from service.store.migrate import db_command
 
-    return db_command(args, Settings())
+    return db_command(args, load_settings())
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ufcal`` command line."""
-    parser = argparse.ArgumentParser(prog="ufcal", description=__doc__)
+    parser = OneLineParser(prog="ufcal", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", default=None, help="default: UFCAL_HOST (127.0.0.1)")
-    serve.add_argument("--port", type=int, default=None, help="default: UFCAL_PORT (8000)")
+    serve.add_argument("--port", type=_port, default=None, help="default: UFCAL_PORT (8000)")
     serve.set_defaults(func=_serve)
 
     sc = sub.add_parser("score", help="score questions to JSON lines on stdout")
     sc.add_argument("--question", help="the question text")
     sc.add_argument("--option", action="append", help="an option (repeat, in order)")
     sc.add_argument("--file", help="JSONL in the shared MCQA format (question, options, answer)")
-    sc.add_argument("--limit", type=int, default=None, help="score the first N questions")
-    sc.add_argument(
-        "--method",
-        choices=["uf", "fidelity", "sampled", "token", "verbalized", "linguistic"],
-        default="uf",
-    )
+    sc.add_argument("--limit", type=at_least(1), default=None, help="score the first N questions")
+    sc.add_argument("--method", choices=METHOD_NAMES, default="uf")
     sc.add_argument("--mode", choices=["auto", "logprobs", "sampling"], default=None)
-    sc.add_argument("--samples", type=int, default=None, help="K in sampling mode")
-    sc.add_argument("--concurrency", type=int, default=16, help="questions in flight")
+    sc.add_argument("--samples", type=at_least(1), default=None, help="K in sampling mode")
+    sc.add_argument("--concurrency", type=at_least(1), default=16, help="questions in flight")
     sc.set_defaults(func=_score)
 
     model = sub.add_parser("model", help="convert the embedded model (once); print its folder")
@@ -205,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="throughput and latency: plain answer vs UF vs naive, service overhead"
     )
-    bench.add_argument("--n", type=int, default=100, help="questions (default 100)")
+    bench.add_argument("--n", type=at_least(1), default=100, help="questions (default 100)")
     bench.add_argument(
         "--data",
         default="../shared/data/mcqa/arc_challenge_test.jsonl",
@@ -218,12 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants", default="abcd", help="subset of a, b, c, d, e (e: b with --skip-mass)"
     )
     bench.add_argument(
-        "--skip-mass", type=float, default=0.1, help="the cost bound of variant e (default 0.1)"
+        "--skip-mass", type=fraction, default=0.1, help="the cost bound of variant e (default 0.1)"
     )
-    bench.add_argument("--concurrency", type=int, default=32, help="questions in flight (a-c)")
-    bench.add_argument("--samples", type=int, default=10, help="K for c and d")
+    bench.add_argument(
+        "--concurrency", type=at_least(1), default=32, help="questions in flight (a-c)"
+    )
+    bench.add_argument("--samples", type=at_least(1), default=10, help="K for c and d")
     bench.add_argument("--out", default="reports/bench.json", help="JSON report path")
-    bench.add_argument("--overhead-requests", type=int, default=2000)
+    bench.add_argument("--overhead-requests", type=at_least(1), default=2000)
     bench.add_argument(
         "--overhead-db-url", default=None, help="also measure the overhead on this database"
     )
@@ -237,10 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     metrics = sub.add_parser("metrics", help="calibration metrics of a scored JSONL file")
     metrics.add_argument("file", help="JSONL with 'confidence' and 'correct' per line")
-    metrics.add_argument("--bins", type=int, default=10, help="number of equal-width bins")
+    metrics.add_argument("--bins", type=at_least(1), default=10, help="number of equal-width bins")
     metrics.set_defaults(func=_metrics)
-
-    from service.evaluation.command import add_eval_arguments
 
     ev = sub.add_parser(
         "eval", help="calibration of chosen methods over MCQA files: table and diagrams"
@@ -250,10 +304,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_level() -> str:
+    """``UFCAL_LOG_LEVEL`` (from the environment or ``.env``), checked."""
+    level = load_settings().log_level.strip().lower()
+    if level not in _LEVELS:
+        raise ArgumentError(f"invalid setting: UFCAL_LOG_LEVEL: one of {', '.join(_LEVELS)}")
+    return level
+
+
+def _run(args: argparse.Namespace) -> int:
+    level = _log_level()
+    if args.command == "serve":  # logs to stdout (it has no other output)
+        return int(args.func(args))
+    from service.cli_output import stdout_for_data
+    from service.logs import configure_logging
+
+    with stdout_for_data():
+        configure_logging(level, stream="stderr")
+        return int(args.func(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ufcal`` console script."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return _run(args)
+    except ArgumentError as exc:
+        print(f"ufcal {args.command}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

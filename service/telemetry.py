@@ -1,4 +1,5 @@
-"""Prometheus metrics and JSON log lines for the ufcal service.
+"""Prometheus metrics and the score log line of the ufcal service (the JSON log set-up is
+``service.logs``; its names are re-exported here).
 
 Every metric lives in a per-app :class:`Telemetry` (its own ``CollectorRegistry``), so tests
 can build many apps in one process. All names start with ``ufcal_`` and follow Prometheus
@@ -7,10 +8,7 @@ conventions (``_total`` counters, base units such as seconds).
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -24,6 +22,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from service.logs import JsonFormatter, ScoredAccessFilter, configure_logging, utc_iso
 
 __all__ = [
     "CONFIDENCE_BUCKETS",
@@ -327,68 +327,7 @@ class Telemetry:
         return {s.name for m in self.registry.collect() for s in m.samples}
 
 
-# -- JSON logs -----------------------------------------------------------------------------
-
-
-def _utc_iso(epoch_s: float) -> str:
-    dt = datetime.fromtimestamp(epoch_s, tz=timezone.utc)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: timestamp (ISO-8601 UTC), level, logger, message, plus the
-    key/values of a ``fields`` dict passed as ``extra={"fields": {...}}``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "timestamp": _utc_iso(record.created),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, Mapping):
-            out.update(fields)
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        if record.stack_info:
-            out["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
-
-
-def configure_logging(level: str = "INFO") -> None:
-    """Log JSON lines to stdout from the root logger; uvicorn's loggers propagate to it.
-
-    Start uvicorn with ``log_config=None`` afterwards so it keeps this setup.
-    """
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        lg = logging.getLogger(name)
-        lg.handlers.clear()
-        lg.propagate = True
-    access = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, ScoredAccessFilter) for f in access.filters):
-        access.addFilter(ScoredAccessFilter())
-
-
-class ScoredAccessFilter(logging.Filter):
-    """Drop uvicorn's access line of a successful ``POST /score``: its "scored" line already
-    says the same and more (id, answer, confidence, latency, status), and formatting and
-    writing a second line per request was a tenth of the service's CPU under load. Every
-    other request, and every /score that failed, keeps its access line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        # uvicorn: '%s - "%s %s HTTP/%s" %d' % (client, method, path, http_version, status)
-        if isinstance(args, tuple) and len(args) == 5:
-            return not (args[1] == "POST" and args[2] == "/score" and args[4] == 200)
-        return True
+# -- the score log line ----------------------------------------------------------------
 
 
 def score_log_fields(
@@ -415,7 +354,7 @@ def score_log_fields(
     """
     ts = timestamp if timestamp is not None else datetime.now(timezone.utc)
     fields: dict[str, Any] = {
-        "timestamp": _utc_iso(ts.timestamp()),
+        "timestamp": utc_iso(ts.timestamp()),
         "id": request_id,
         "model": model,
         "method": method,

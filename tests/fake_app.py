@@ -52,7 +52,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
 def main() -> None:
     import uvicorn
 
-    from service.telemetry import configure_logging
+    from service.logs import configure_logging
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 
 from service.api.app import create_app
 from service.calibration.prompts import Prompt
-from service.cli import run_server
 from service.config import Settings
 from service.engines.base import EngineUnavailable, GenerationParams
-from service.telemetry import configure_logging
+from service.logs import configure_logging
+from service.server import run_server
 from tests.fakes import FakeCall, FakeEngine
 
 

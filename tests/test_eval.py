@@ -317,8 +317,11 @@ def test_eval_command_end_to_end(
 
 
 def test_unknown_method_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="unknown method"):
-        eval_cmd._methods("uf,nope")
+    from service.cli_args import ArgumentError
+    from service.evaluation.arguments import _methods
+
+    with pytest.raises(ArgumentError, match="--methods: unknown method"):
+        _methods("uf,nope")
 
 
 def test_wall_time_sums_the_runs() -> None:

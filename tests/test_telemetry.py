@@ -305,6 +305,8 @@ def test_score_log_error_field() -> None:
 def test_configure_logging_writes_json_to_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
     buf = io.StringIO()
     monkeypatch.setattr("sys.stdout", buf)
+    # not in the test process: vLLM's variables would reach every server a later test starts
+    monkeypatch.setattr("service.logs._point_vllm_here", lambda level, stream: None)
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
     try:
@@ -321,6 +323,7 @@ def test_configure_logging_writes_json_to_stdout(monkeypatch: pytest.MonkeyPatch
         for h in saved_handlers:
             root.addHandler(h)
         root.setLevel(saved_level)
+        logging.captureWarnings(False)
 
 
 def test_access_line_of_a_successful_score_is_dropped_the_others_kept() -> None:

@@ -57,10 +57,9 @@ async def _engine_part(args: argparse.Namespace, settings: Settings) -> dict[str
     }
 
 
-def bench_command(args: argparse.Namespace) -> int:
-    """Run the benchmark; print the table; write the JSON report."""
-    overrides = {"engine_url": args.engine_url} if args.engine_url else {}
-    settings = Settings(**overrides)
+def bench_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the benchmark; print the table (stdout); write the JSON report. The arguments
+    are checked by the caller (``service.cli``)."""
     started = time.perf_counter()
     report: dict[str, Any] = {
         "engine": "-",

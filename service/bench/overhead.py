@@ -83,8 +83,8 @@ def instant_app() -> FastAPI:
 def serve_instant(port: int) -> int:
     """Serve ``instant_app`` the way ``ufcal serve`` serves the real one: the same uvicorn
     set-up and the same JSON log lines (configured level, access log included)."""
-    from service.cli import run_server
-    from service.telemetry import configure_logging
+    from service.logs import configure_logging
+    from service.server import run_server
 
     settings = Settings()
     configure_logging(settings.log_level)

@@ -39,13 +39,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "ufcal" / "models"
 
 
+def is_prepared(folder: Path) -> bool:
+    """True when ``folder`` holds a complete conversion."""
+    return (folder / _COMPLETE_MARKER).is_file()
+
+
 def prepare_embedded_model(cache_dir: Path | None = None) -> Path:
     """Return a bf16 HF folder of the embedded model, converting it on first use.
 
     The conversion writes into a temporary sibling folder and renames it into place,
     so a crash half-way never leaves a folder that looks ready."""
     target = (cache_dir or default_cache_dir()) / EMBEDDED_MODEL_ID
-    if (target / _COMPLETE_MARKER).is_file():
+    if is_prepared(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     gguf_path = embedded_gguf_path()

@@ -97,6 +97,8 @@ class LocalVLLMEngine:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             tensor_parallel_size=cfg.tensor_parallel_size,
             enable_prefix_caching=True,
+            # the weights' progress bar is not a log line; "Loading weights took" says it
+            use_tqdm_on_load=False,
         )
         try:
             self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)

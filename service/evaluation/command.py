@@ -11,8 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from service.cli_args import (
+    ArgumentError,
+    check_engine_settings,
+    load_settings,
+)
 from service.config import Settings
-from service.evaluation.data import Item, load_selection, split_limit
+from service.evaluation.arguments import add_eval_arguments, check_eval_arguments
+from service.evaluation.data import Item, load_selection
 from service.evaluation.report import (
     GroupSummary,
     figure_name,
@@ -22,69 +28,9 @@ from service.evaluation.report import (
 )
 from service.evaluation.results import ResultsFile, row_key
 from service.evaluation.runner import EvalStats, run_eval
-from service.scoring import METHODS, Method, ResolvedMode, ScoreParams, method_mode
+from service.scoring import Method, ResolvedMode, ScoreParams, method_mode
 
 __all__ = ["add_eval_arguments", "eval_command"]
-
-DEFAULT_OUT = "eval/results.jsonl"
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``ufcal eval``."""
-    parser.add_argument(
-        "files",
-        nargs="+",
-        help="MCQA JSONL files (a bare name is looked up in --data-dir); FILE:N or FILE:all "
-        "overrides --limit for that file",
-    )
-    parser.add_argument(
-        "--methods",
-        default=",".join(METHODS),
-        help=f"comma-separated, from {', '.join(METHODS)} (default: all)",
-    )
-    parser.add_argument("--mode", choices=["auto", "logprobs", "sampling"], default=None)
-    parser.add_argument("--limit", type=int, default=None, help="first N questions per file")
-    parser.add_argument(
-        "--per-subject", type=int, default=None, help="first N questions per subject (MMLU)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="option permutation seed")
-    parser.add_argument("--samples", type=int, default=None, help="K (default UFCAL_SAMPLES)")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="append-only results JSONL")
-    parser.add_argument("--figures", default=None, help="write reliability PNGs here")
-    parser.add_argument("--report", default=None, help="write a Markdown report here")
-    parser.add_argument(
-        "--notes", default=None, help="Markdown file included in the report as its notes"
-    )
-    parser.add_argument("--concurrency", type=int, default=16, help="questions in flight")
-    parser.add_argument("--data-dir", default=None, help="default: UFCAL_DATA_DIR")
-    parser.add_argument("--bins", type=int, default=10, help="bins of ECE, IPR, CE")
-    parser.add_argument(
-        "--no-run", action="store_true", help="only summarise what the results file holds"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _resolve(files: Sequence[str], data_dir: Path) -> list[tuple[Path, int | str | None]]:
-    paths: list[tuple[Path, int | str | None]] = []
-    for spec in files:
-        name, own = split_limit(spec)
-        path = Path(name)
-        if not path.exists() and not path.is_absolute() and (data_dir / name).exists():
-            path = data_dir / name
-        if not path.exists():
-            raise SystemExit(f"error: no such MCQA file: {name} (looked in . and {data_dir})")
-        paths.append((path, own))
-    return paths
-
-
-def _methods(spec: str) -> list[Method]:
-    methods: list[Method] = []
-    for name in (m.strip() for m in spec.split(",")):
-        if name not in METHODS:
-            raise SystemExit(f"error: unknown method {name!r}; choose from {', '.join(METHODS)}")
-        if name not in methods:
-            methods.append(name)
-    return methods
 
 
 def wall_time_s(rows: Sequence[dict[str, Any]]) -> float:
@@ -228,12 +174,16 @@ async def _run(
 
 
 def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
-    """Run (or resume) the evaluation, then print the table and write figures and report."""
-    settings = Settings()
-    data_dir = Path(args.data_dir) if args.data_dir else settings.data_dir
-    paths = _resolve(args.files, data_dir)
-    methods = _methods(args.methods)
-    items = load_selection(paths, args.limit, args.per_subject, args.seed)
+    """Run (or resume) the evaluation, then print the table (stdout) and write figures and
+    report. Arguments, files and settings are checked before the engine starts."""
+    settings = load_settings()
+    paths, methods = check_eval_arguments(args, settings)
+    notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else ""
+    try:
+        items = load_selection(paths, args.limit, args.per_subject, args.seed)
+    except ValueError as exc:
+        raise ArgumentError(f"FILES: {exc}") from None
+    check_engine_settings(settings)
     params = ScoreParams(
         method="uf",
         mode=args.mode or settings.mode,
@@ -274,7 +224,7 @@ def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
                 params,
                 figures,
                 report_path,
-                Path(args.notes).read_text(encoding="utf-8") if args.notes else "",
+                notes,
             ),
             encoding="utf-8",
         )
