@@ -461,9 +461,9 @@ async def test_scores_saved_together_are_one_batch_and_conflicts_stay_per_score(
     store = await Store.open(db)
     original = store._write_scores
 
-    async def spy(records: Any) -> set[str]:
+    async def spy(records: Any, **kwargs: Any) -> set[str]:
         batches.append(len(records))
-        return await original(records)
+        return await original(records, **kwargs)
 
     store._write_scores = spy  # type: ignore[method-assign]
     try:

@@ -271,7 +271,10 @@ class Store:
             batch = list(itertools.islice(self._buffer, MAX_BATCH))
             try:
                 try:
-                    conflicts = await self._write_scores([p.record for p in batch])
+                    conflicts = await self._write_scores(
+                        [p.record for p in batch],
+                        report_conflicts=any(p.waiter is not None for p in batch),
+                    )
                 except Exception as exc:
                     if connection_lost(exc):
                         raise
@@ -349,11 +352,15 @@ class Store:
             "calibrator_version": r.calibrator_version,
         }
 
-    async def _write_scores(self, records: Sequence[ScoreRecord]) -> set[str]:
+    async def _write_scores(
+        self, records: Sequence[ScoreRecord], *, report_conflicts: bool = True
+    ) -> set[str]:
         """Insert or replace a batch of scores in one transaction; returns the ids refused
-        because they already have feedback (for a repeated id the last record wins)."""
+        because they already have feedback (for a repeated id the last record wins). The
+        upsert itself never replaces a judged score: the conflicts are looked up first only
+        when someone waits to hear about them."""
         latest = {r.id: r for r in records}
-        ids = list(latest)
+        ids = list(latest) if report_conflicts else []
         conflicts: set[str] = set()
         async with self.engine.connect() as conn:
             await self.backend.prepare_scores(conn)
