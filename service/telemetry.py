@@ -38,9 +38,12 @@ __all__ = [
     "score_log_fields",
 ]
 
-#: Request latency buckets, 5 ms .. 60 s.
+#: Request latency buckets, 5 ms .. 60 s. Fine steps (2.5 s) below and just past the
+#: default 20 s deadline (UFCAL_REQUEST_TIMEOUT_S), so a p95 between 10 s and the deadline
+#: is resolved well enough for the latency alert (deploy/prometheus/alerts.yml, 15 s) to fire.
 DURATION_BUCKETS: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 12.5, 15.0, 17.5,
+    20.0, 22.5, 30.0, 60.0,
 )  # fmt: skip
 #: Engine round trips (batches) per scored question.
 ENGINE_CALL_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50)
@@ -100,7 +103,11 @@ _Labelled = Counter | Gauge | Histogram
 class Telemetry:
     """The service's Prometheus metrics, in a registry of their own."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, remote_engines: int = 0
+    ) -> None:
+        """``remote_engines``: how many vLLM servers UFCAL_ENGINE_URL lists (0 = in-process),
+        exported so the alert on a missing vLLM scrape target fires only when one exists."""
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -152,6 +159,12 @@ class Telemetry:
         self.engine_up = Gauge(
             "ufcal_engine_up", "1 if the inference engine is ready, else 0.", registry=r
         )
+        self.engine_remote_servers = Gauge(
+            "ufcal_engine_remote_servers",
+            "Remote vLLM servers in UFCAL_ENGINE_URL (0 = in-process engine).",
+            registry=r,
+        )
+        self.engine_remote_servers.set(remote_engines)
         self.unparsed = Counter(
             "ufcal_unparsed",
             "Model replies from which no answer option could be parsed.",

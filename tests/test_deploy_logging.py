@@ -17,7 +17,17 @@ import pytest
 import yaml
 
 from service.logs import JsonFormatter
-from tests.test_deploy import COMPOSE, DASHBOARD, ROOT, _ok, _panels, _run, compose_cmd  # noqa: F401
+from tests.test_deploy import (  # noqa: F401
+    COMPOSE,
+    DASHBOARD,
+    ROOT,
+    _compose_env,
+    _ok,
+    _panels,
+    _published,
+    _run,
+    compose_cmd,
+)
 
 LOGGING = ROOT / "deploy" / "logging"
 OVERRIDE = LOGGING / "docker-compose.logging.yml"
@@ -122,11 +132,15 @@ def test_override_mounts_exist_and_match_the_configs() -> None:
 
 def test_compose_accepts_the_override(compose_cmd: list[str]) -> None:  # noqa: F811
     proc = _run(
-        [*compose_cmd, "-f", str(COMPOSE), "-f", str(OVERRIDE), "--profile", "cpu", "config"]
+        [*compose_cmd, "-f", str(COMPOSE), "-f", str(OVERRIDE), "--profile", "cpu", "config"],
+        env=_compose_env(GRAFANA_ADMIN_PASSWORD="s3cret"),
     )
     _ok(proc)
     services = yaml.safe_load(proc.stdout)["services"]
     assert {"loki", "alloy", "grafana", "prometheus", "ufcal-cpu"} <= set(services)
+    # No authentication in either: local only by default, like Prometheus and Grafana.
+    assert _published(services["loki"]) == [("127.0.0.1", "3100")]
+    assert _published(services["alloy"]) == [("127.0.0.1", "12345")]
 
 
 def _loki_panels() -> list[dict[str, Any]]:

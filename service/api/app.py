@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     settings = settings or Settings()
     state = AppState(
         settings=settings,
-        telemetry=Telemetry(),
+        telemetry=Telemetry(remote_engines=len(settings.engine_urls)),
         template=settings.prompt_template(),
         admission=Admission(settings.max_concurrency, settings.max_queue),
     )
