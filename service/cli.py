@@ -1,4 +1,4 @@
-"""``ufcal serve | score | metrics | model | bench | eval``.
+"""``ufcal serve | score | metrics | model | bench | eval | calibrate``.
 
 Every command checks its arguments, input files and settings before it starts an engine,
 and fails with a one-line message naming the argument (exit status 2). Every command but
@@ -44,9 +44,14 @@ def _port(text: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from service.recalibration import CalibratorFileError, load_calibrator_files
     from service.server import serve
 
     settings = load_settings()
+    try:  # calibrator files are refused before any engine starts
+        load_calibrator_files(settings.calibrator_files())
+    except CalibratorFileError as exc:
+        raise ArgumentError(f"UFCAL_CALIBRATORS: {exc}") from None
     check_engine_settings(settings)
     return serve(settings, args.host or settings.host, args.port or settings.port)
 
@@ -200,6 +205,14 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_command(args)
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    input_file(args.results, "RESULTS")
+    output_file(args.out, "--out")
+    from service.evaluation.calibrate import calibrate_command
+
+    return calibrate_command(args)
+
+
 def _model(args: argparse.Namespace) -> int:
     from service.engines.embedded import prepare_embedded_model
 
@@ -301,6 +314,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_eval_arguments(ev)
     ev.set_defaults(func=_eval)
+
+    cal = sub.add_parser(
+        "calibrate", help="fit calibrators from a labelled results file; before/after table"
+    )
+    cal.add_argument("results", help="JSONL with model, method, mode, confidence, correct")
+    cal.add_argument(
+        "--method", default=None, choices=METHOD_NAMES, help="fit only this method (default: all)"
+    )
+    cal.add_argument("--out", default="calibrators.json", help="calibrator file to write")
+    cal.add_argument("--min-labels", type=at_least(2), default=100, help="no calibrator below")
+    cal.add_argument(
+        "--min-class", type=at_least(2), default=20, help="nor with fewer right or wrong answers"
+    )
+    cal.set_defaults(func=_calibrate)
     return parser
 
 

@@ -14,6 +14,7 @@ from service.calibration.prompts import SUBSTITUTE_TEXT, PromptTemplate
 
 Mode = Literal["auto", "logprobs", "sampling"]
 Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+Routing = Literal["affinity", "round_robin"]  # service/engines/routing.py
 
 
 def _default_cache() -> Path:
@@ -47,6 +48,18 @@ class Settings(BaseSettings):
         default=None, description="Bearer key for the engine URLs."
     )
     engine_timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one engine call.")
+    engine_routing: Routing = Field(
+        default="affinity",
+        description="Several engine URLs: affinity = every prompt of a question to one server "
+        "(rendezvous hashing; its prefix cache serves the shared prefix), round_robin = each "
+        "request to the next server.",
+    )
+    engine_load_guard: float = Field(
+        default=0.0,
+        ge=0,
+        description="Affinity: take a question's second server when its first has at least "
+        "this many times (the second's in-flight requests + 1) in flight; 0 = off.",
+    )
 
     # In-process vLLM
     vllm_dtype: Dtype = Field(
@@ -133,12 +146,52 @@ class Settings(BaseSettings):
         default=10, ge=1, le=100, description="Live calibration: equal-width confidence bins."
     )
 
+    # Recalibration (docs: README, "Recalibration")
+    calibrators: str = Field(
+        default="",
+        description="Comma-separated calibrator files (ufcal calibrate) loaded at start.",
+    )
+    recalibrate: Literal["off", "online"] = Field(
+        default="off", description="online: refit calibrators from /feedback labels."
+    )
+    recalibrate_every: int = Field(
+        default=100, ge=1, description="Refit a key after this many new labels."
+    )
+    recalibrate_min_labels: int = Field(
+        default=100, ge=2, description="No calibrator below this many labels for a key."
+    )
+    recalibrate_min_class: int = Field(
+        default=20, ge=2, description="No calibrator with fewer right (or wrong) answers."
+    )
+    recalibrate_max_source_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Largest share of a fit's labels one API key may hold (the rest is left out).",
+    )
+    calibrator_refresh_s: float = Field(
+        default=30.0, gt=0, description="How often active calibrators are re-read from the store."
+    )
+
     # HTTP
     max_batch_size: int = Field(default=256, ge=1, description="Items in one /score/batch.")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    request_read_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A request must arrive whole (headers and body) this long after its "
+        "first byte, a new connection must start one as soon (else 408 and closed).",
+    )
+    keepalive_timeout_s: float = Field(
+        default=5.0, gt=0, description="An idle keep-alive connection is closed after this."
+    )
+    max_idle_connections: int = Field(
+        default=256, ge=0, description="Idle keep-alive connections held at most."
+    )
     log_level: str = "info"
     log_text: bool = Field(default=False, description="Log question and option text.")
+    ui: bool = Field(default=True, description="Serve the web page at / (UFCAL_UI=off removes it).")
 
     # Limits: each refusal is a 4xx naming the limit (docs/reliability.md)
     max_body_bytes: int = Field(
@@ -155,6 +208,10 @@ class Settings(BaseSettings):
         description="Comma-separated API keys (bearer tokens); empty = no authentication.",
     )
     metrics_auth: bool = Field(default=False, description="/metrics also needs an API key.")
+    feedback_keys: SecretStr | None = Field(
+        default=None,
+        description="Comma-separated API keys allowed to send /feedback; empty = any key.",
+    )
 
     # Backpressure, deadlines, engine faults, shutdown
     max_concurrency: int = Field(
@@ -192,6 +249,16 @@ class Settings(BaseSettings):
         if self.api_keys is None:
             return []
         return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
+    def feedback_key_list(self) -> list[str]:
+        """The keys allowed to send /feedback (empty: every accepted key)."""
+        if self.feedback_keys is None:
+            return []
+        return [k.strip() for k in self.feedback_keys.get_secret_value().split(",") if k.strip()]
+
+    def calibrator_files(self) -> list[Path]:
+        """The calibrator files to load at start."""
+        return [Path(f.strip()) for f in self.calibrators.split(",") if f.strip()]
 
     @cached_property
     def engine_urls(self) -> list[str]:

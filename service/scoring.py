@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args
 
 from service.calibration import baselines, uf
 from service.calibration.prompts import (
+    Prompt,
     PromptTemplate,
     Question,
     all_options,
@@ -28,6 +29,7 @@ from service.calibration.prompts import (
     parse_answer,
     render,
 )
+from service.context_fit import QuestionSize, check_fits
 from service.engines.base import Engine, EngineFeatureMissing, GenerationParams
 from service.engines.letters import choice_strings
 
@@ -37,6 +39,7 @@ ResolvedMode = Literal["logprobs", "sampling"]
 SAMPLE_MAX_TOKENS = 4  # enough for " C.", "(C)" or " The answer is C"
 VERBALIZED_MAX_TOKENS = 8  # " 0.85", " 85%", " 0.9 (very sure)"
 LINGUISTIC_MAX_TOKENS = 8  # the longest phrase of the list
+CHAIN_MAX_TOKENS = 4  # a chain step's reply in sampling mode
 
 
 class Unscorable(Exception):
@@ -207,7 +210,9 @@ async def _run_chains(
             usage.completion_tokens += sum(r.completion_tokens for r in reads)
         else:
             gen_params = [
-                GenerationParams(n=1, temperature=0.0, max_tokens=4, choices=choice_strings(a))
+                GenerationParams(
+                    n=1, temperature=0.0, max_tokens=CHAIN_MAX_TOKENS, choices=choice_strings(a)
+                )
                 for a in allowed
             ]
             generations = await engine.generate(prompts, gen_params)
@@ -239,6 +244,68 @@ class _Stated:
 
     reply: str
     value: float | None
+
+
+def prompts_sent(
+    question: Question, method: Method, mode: ResolvedMode, template: PromptTemplate
+) -> list[tuple[Prompt, int]]:
+    """Every prompt scoring ``question`` with ``method`` may send, each with the tokens it
+    may generate: step 1, the first step of each possible chain (later steps only drop
+    options), and the stated-confidence prompt for each possible answer."""
+    letters = mode == "logprobs"
+    sent = [
+        (render(question, all_options(question), template), 1 if letters else SAMPLE_MAX_TOKENS)
+    ]
+    indexes = range(len(question.options))
+    if method in ("uf", "fidelity"):
+        new = 1 if letters else CHAIN_MAX_TOKENS
+        sent += [
+            (
+                render(
+                    question,
+                    chain_options(question, i, frozenset(), template.substitute_text),
+                    template,
+                ),
+                new,
+            )
+            for i in indexes
+        ]
+    elif method == "verbalized":
+        sent += [
+            (baselines.verbalized_prompt(question, i, template), VERBALIZED_MAX_TOKENS)
+            for i in indexes
+        ]
+    elif method == "linguistic":
+        sent += [
+            (baselines.linguistic_prompt(question, i, template), LINGUISTIC_MAX_TOKENS)
+            for i in indexes
+        ]
+    return sent
+
+
+def question_size(question: Question, template: PromptTemplate) -> QuestionSize:
+    """Bounds over every prompt ``prompts_sent`` may render for ``question``, from text
+    lengths alone: each holds the question, every option (one maybe replaced by the
+    substitute text) and one instruction, possibly a follow-up naming one option."""
+    options = [len(o.encode()) for o in question.options]
+    fixed = [
+        template.few_shot,
+        template.system_prompt or "",
+        template.instruction,
+        template.substitute_text,
+        template.answer_prefix,
+        baselines.VERBALIZED_INSTRUCTION,
+        baselines.VERBALIZED_ANSWER_PREFIX,
+        baselines.LINGUISTIC_INSTRUCTION,
+        baselines.LINGUISTIC_ANSWER_PREFIX,
+        *(phrase for phrase, _ in baselines.LINGUISTIC_PHRASES),
+    ]
+    upper = len(question.text.encode()) + sum(options) + max(options)
+    upper += sum(len(text.encode()) for text in fixed) + 8 * (len(options) + len(fixed) + 4)
+    new_tokens = max(
+        SAMPLE_MAX_TOKENS, CHAIN_MAX_TOKENS, VERBALIZED_MAX_TOKENS, LINGUISTIC_MAX_TOKENS
+    )
+    return QuestionSize(upper, new_tokens, template.chat)
 
 
 class QuestionRun:
@@ -349,6 +416,11 @@ class QuestionRun:
         params = self.params
         mode = method_mode(method, params.mode, self.engine)
         usage = Usage()
+        await check_fits(
+            self.engine,
+            question_size(self.question, self.template),
+            lambda: prompts_sent(self.question, method, mode, self.template),
+        )
         try:
             first = await self._step_one(mode, usage)
             distribution = first.distribution

@@ -32,11 +32,14 @@ def run_server(app: Any, settings: Settings, host: str, port: int) -> int:
     it (the in-process engine died, so the orchestrator should restart the service)."""
     import uvicorn
 
+    from service.api.connections import server_options
+
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             host=host,
             port=port,
+            **server_options(settings),  # bounds on slow and idle clients
             log_level=settings.log_level,
             log_config=None,  # keep the JSON log lines configured by service.logs
             timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),

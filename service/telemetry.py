@@ -8,6 +8,7 @@ conventions (``_total`` counters, base units such as seconds).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -109,6 +110,7 @@ class Telemetry:
         """``remote_engines``: how many vLLM servers UFCAL_ENGINE_URL lists (0 = in-process),
         exported so the alert on a missing vLLM scrape target fires only when one exists."""
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._live_bins: dict[tuple[int, str], set[str]] = {}
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         # prometheus-client appends ``_total`` to counter names itself.
@@ -177,38 +179,77 @@ class Telemetry:
             ("outcome",),
             registry=r,
         )
+        # The live window, for the returned confidence and the methods' raw scores.
+        live = ("confidence",)
         self.live_accuracy = Gauge(
-            "ufcal_live_accuracy", "Accuracy over the live calibration window.", registry=r
+            "ufcal_live_accuracy", "Accuracy over the live calibration window.", live, registry=r
         )
         self.live_ece = Gauge(
-            "ufcal_live_ece", "Expected calibration error over the live window.", registry=r
+            "ufcal_live_ece",
+            "Expected calibration error over the live window (confidence=raw|returned).",
+            live,
+            registry=r,
         )
         self.live_ipr = Gauge(
-            "ufcal_live_ipr", "Inverse pair ratio over the live window.", registry=r
+            "ufcal_live_ipr", "Inverse pair ratio over the live window.", live, registry=r
         )
         self.live_ce = Gauge(
-            "ufcal_live_ce", "Confidence evenness over the live window.", registry=r
+            "ufcal_live_ce", "Confidence evenness over the live window.", live, registry=r
         )
-        self.live_brier = Gauge("ufcal_live_brier", "Brier score over the live window.", registry=r)
+        self.live_brier = Gauge(
+            "ufcal_live_brier", "Brier score over the live window.", live, registry=r
+        )
         self.live_window_size = Gauge(
-            "ufcal_live_window_size", "Scores with feedback in the live window.", registry=r
+            "ufcal_live_window_size", "Scores with feedback in the live window.", live, registry=r
         )
         self.live_bin_count = Gauge(
             "ufcal_live_bin_count",
             "Scores per reliability bin (label bin = upper edge) in the live window.",
-            ("bin",),
+            ("confidence", "bin"),
             registry=r,
         )
         self.live_bin_accuracy = Gauge(
             "ufcal_live_bin_accuracy",
             "Accuracy per reliability bin in the live window.",
-            ("bin",),
+            ("confidence", "bin"),
             registry=r,
         )
         self.live_bin_confidence = Gauge(
             "ufcal_live_bin_confidence",
             "Mean confidence per reliability bin in the live window.",
-            ("bin",),
+            ("confidence", "bin"),
+            registry=r,
+        )
+        key = ("model", "method", "mode")
+        self.calibrator_version = Gauge(
+            "ufcal_calibrator_version",
+            "Version of the active calibrator of a (model, method, mode).",
+            key,
+            registry=r,
+        )
+        self.calibrator_labels = Gauge(
+            "ufcal_calibrator_labels",
+            "Labels the active calibrator of a (model, method, mode) was fitted on.",
+            key,
+            registry=r,
+        )
+        self.recalibration_labels_capped = Gauge(
+            "ufcal_recalibration_labels_capped",
+            "Labels left out of the last refit because their API key was over "
+            "UFCAL_RECALIBRATE_MAX_SOURCE_SHARE.",
+            key,
+            registry=r,
+        )
+        self.recalibrations = Counter(
+            "ufcal_recalibrations",
+            "Calibrator refits by outcome (promoted, rejected, too_few, busy).",
+            ("outcome",),
+            registry=r,
+        )
+        self.recalibration_duration = Histogram(
+            "ufcal_recalibration_duration_seconds",
+            "Wall time of one refit (off the request path).",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=r,
         )
         self.store_up = Gauge(
@@ -297,23 +338,48 @@ class Telemetry:
         """Count one feedback, outcome ``correct`` or ``wrong``."""
         self.feedback.labels("correct" if correct else "wrong").inc()
 
-    def set_live_calibration(self, report: CalibrationReport) -> None:
-        """Publish the live calibration report; empty bins export only their count (0)."""
-        self.live_window_size.set(report.n)
-        self.live_accuracy.set(_value(report.accuracy))
-        self.live_ece.set(_value(report.ece))
-        self.live_ipr.set(_value(report.ipr))
-        self.live_ce.set(_value(report.ce))
-        self.live_brier.set(_value(report.brier))
+    def set_live_calibration(self, report: CalibrationReport, confidence: str = "returned") -> None:
+        """Publish the live calibration report of the ``returned`` confidence or of the
+        ``raw`` scores; empty bins export only their count (0)."""
+        self.live_window_size.labels(confidence).set(report.n)
+        self.live_accuracy.labels(confidence).set(_value(report.accuracy))
+        self.live_ece.labels(confidence).set(_value(report.ece))
+        self.live_ipr.labels(confidence).set(_value(report.ipr))
+        self.live_ce.labels(confidence).set(_value(report.ce))
+        self.live_brier.labels(confidence).set(_value(report.brier))
+        # A new report replaces this confidence's bins: no stale labels; an empty bin
+        # exports its count only.
         for gauge in (self.live_bin_count, self.live_bin_accuracy, self.live_bin_confidence):
-            gauge.clear()
+            for label in self._live_bins.get((id(gauge), confidence), set()):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(confidence, label)
+            self._live_bins[(id(gauge), confidence)] = set()
         for b in report.bins:
             label = bin_label(b.upper)
-            self.live_bin_count.labels(label).set(b.count)
-            if b.accuracy is not None:
-                self.live_bin_accuracy.labels(label).set(b.accuracy)
-            if b.confidence is not None:
-                self.live_bin_confidence.labels(label).set(b.confidence)
+            for gauge, value in (
+                (self.live_bin_count, b.count),
+                (self.live_bin_accuracy, b.accuracy),
+                (self.live_bin_confidence, b.confidence),
+            ):
+                if value is not None:
+                    gauge.labels(confidence, label).set(value)
+                    self._live_bins[(id(gauge), confidence)].add(label)
+
+    # -- calibrators -----------------------------------------------------------------------
+
+    def set_calibrator(self, key: tuple[str, str, str], version: int, labels: int) -> None:
+        """Publish the active calibrator of a key."""
+        self.calibrator_version.labels(*key).set(version)
+        self.calibrator_labels.labels(*key).set(labels)
+
+    def set_labels_capped(self, key: tuple[str, str, str], capped: int) -> None:
+        """Labels the last refit of a key left out (source over its share)."""
+        self.recalibration_labels_capped.labels(*key).set(capped)
+
+    def observe_refit(self, outcome: str, duration_s: float) -> None:
+        """Count one refit and its wall time."""
+        self.recalibrations.labels(outcome).inc()
+        self.recalibration_duration.observe(duration_s)
 
     # -- the store -------------------------------------------------------------------------
 

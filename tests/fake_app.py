@@ -5,7 +5,8 @@ HTTP server (Prometheus scraping, restarts, kill -9):
 
 The fake model reads ``p=0.83`` from the question text: option A gets probability p, option
 B the rest (other options nothing), and every fidelity chain stays with its start. Without a
-``p=`` it uses 0.6. So a test picks each answer's confidence through the question.
+``p=`` it uses 0.6. So a test picks each answer's confidence through the question. A
+question containing ``engine-error`` makes the engine call fail (an HTTP 502).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from fastapi import FastAPI
 from service.api.app import create_app
 from service.calibration.prompts import Prompt
 from service.config import Settings
-from tests.fakes import FakeEngine, parse_prompt
+from service.engines.base import EngineError
+from tests.fakes import FakeCall, FakeEngine, parse_prompt
 
 _P = re.compile(r"p=([0-9]*\.?[0-9]+)")
 
@@ -39,9 +41,16 @@ def letters(prompt: Prompt, labels: Sequence[str]) -> Mapping[str, float]:
     return {"A": _log(p), "B": _log(1.0 - p)}
 
 
+def failure(call: FakeCall) -> BaseException | None:
+    """An engine error for a question that asks for one."""
+    if any("engine-error" in view.question for view in call.views):
+        return EngineError("the fake engine failed: the question asked for an engine error")
+    return None
+
+
 def fake_engine() -> FakeEngine:
     """The scripted white-box engine described above."""
-    return FakeEngine(letters=letters, model="fake-model")
+    return FakeEngine(letters=letters, model="fake-model", fail=failure)
 
 
 def build_app(settings: Settings | None = None) -> FastAPI:

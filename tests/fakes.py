@@ -33,6 +33,8 @@ Fault and load injection, all optional:
   recorded (with ``call.failed`` set).
 * ``start_event``: ``start()`` waits until the event is set (an engine that is loading);
   ``start_error``: ``start()`` raises it.
+* ``context_length``: what ``count_tokens`` reports as the model's context (prompts are
+  counted with the token model below; ``counted`` lists the prompts it measured).
 * ``healthy``: set it to False to make ``ready()`` report the engine down.
 * ``in_flight`` / ``max_in_flight``: how many calls run now / ran at once at most.
 
@@ -57,6 +59,7 @@ from service.engines.base import (
     Generation,
     GenerationParams,
     LetterRead,
+    TokenCounts,
 )
 
 LettersFn = Callable[[Prompt, Sequence[str]], Mapping[str, float]]
@@ -143,6 +146,7 @@ class FakeEngine:
         fail: BaseException | FailFn | None = None,
         start_event: asyncio.Event | None = None,
         start_error: BaseException | None = None,
+        context_length: int = 1_000_000,
     ) -> None:
         self._letters = letters
         self._generate = generate
@@ -159,6 +163,8 @@ class FakeEngine:
         self.max_in_flight = 0
         self.reported_prompt_tokens = 0
         self.reported_completion_tokens = 0
+        self.context_length = context_length
+        self.counted: list[Prompt] = []  # every prompt count_tokens measured
 
     # ------------------------------------------------------------------ Engine protocol
 
@@ -264,6 +270,11 @@ class FakeEngine:
         except BaseException:
             self.in_flight -= 1
             raise
+
+    async def count_tokens(self, prompts: Sequence[Prompt]) -> TokenCounts:
+        """The fake's own token count (one per word), against ``context_length``."""
+        self.counted.extend(prompts)
+        return TokenCounts([self._prompt_tokens(p) for p in prompts], self.context_length)
 
     @staticmethod
     def _prompt_tokens(prompt: Prompt) -> int:

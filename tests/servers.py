@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data" / "mcqa"
@@ -40,6 +41,17 @@ def free_port_in(low: int, high: int) -> int:
                 continue
             return port
     return free_port()
+
+
+def missing_tool(msg: str) -> None:
+    """A test's external tool is not installed: skip loudly, or fail under
+    UFCAL_REQUIRE_DEPLOY_TOOLS=1 (CI, whose `make tools` installs every one)."""
+    if os.environ.get("UFCAL_REQUIRE_DEPLOY_TOOLS", "") not in ("", "0"):
+        pytest.fail(msg)
+    import warnings
+
+    warnings.warn(msg, stacklevel=3)  # shown in the summary even without -rs
+    pytest.skip(msg)
 
 
 def cpu_env() -> dict[str, str]:

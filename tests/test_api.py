@@ -36,6 +36,8 @@ RESPONSE_FIELDS = {
     "id",
     "answer",
     "confidence",
+    "raw_confidence",
+    "calibrator",
     "uncertainty",
     "distribution",
     "fidelity",
@@ -122,6 +124,8 @@ async def test_score_returns_the_whole_contract() -> None:
     assert body["id"] == "q-17"
     assert body["answer"] == {"index": 3, "label": "D", "text": "delta"}
     assert round(body["confidence"], 5) == 0.19578
+    assert body["raw_confidence"] == body["confidence"]  # no calibrator is active
+    assert body["calibrator"] is None
     assert round(body["uncertainty"], 5) == 0.55793
     assert list(body["distribution"]) == ["A", "B", "C", "D", "E"]
     assert body["distribution"] == pytest.approx(

@@ -166,6 +166,9 @@ def exported() -> tuple[set[str], set[str]]:
     t.observe_feedback(False)
     t.set_engine_up(True)
     t.set_live_calibration(_Report())
+    t.set_live_calibration(_Report(), "raw")
+    t.set_calibrator(("m", "uf", "logprobs"), 1, 100)
+    t.observe_refit("promoted", 0.1)
     with t.in_flight():
         pass
     samples: set[str] = set()
@@ -430,7 +433,8 @@ def test_alerts_required_rules() -> None:
     assert "ufcal_engine_up == 0" in rules["UfcalEngineDown"]
     assert 'status=~"5.."' in rules["UfcalHighErrorRate"] and "0.05" in rules["UfcalHighErrorRate"]
     drift = rules["UfcalCalibrationDrift"]
-    assert "ufcal_live_ece > 0.15" in drift and "ufcal_live_window_size" in drift
+    assert 'ufcal_live_ece{confidence="returned"} > 0.15' in drift
+    assert "ufcal_live_window_size" in drift
     assert 'status="504"' in rules["UfcalDeadlineExceeded"]
     assert 'absent(up{job="ufcal"})' in rules["UfcalAbsent"]
     assert 'absent(up{job="vllm"})' in rules["VllmAbsent"]
@@ -563,18 +567,47 @@ ALERT_CASES = [
     AlertCase(
         "ECE 0.2 with a full window, 0.3 with too few answers",
         {
-            'ufcal_live_ece{instance="a:8000", job="ufcal"}': "0.2x30",
-            'ufcal_live_window_size{instance="a:8000", job="ufcal"}': "500x30",
-            'ufcal_live_ece{instance="b:8000", job="ufcal"}': "0.3x30",
-            'ufcal_live_window_size{instance="b:8000", job="ufcal"}': "20x30",
+            _series(
+                "ufcal_live_ece", {"instance": "a:8000", "job": "ufcal", "confidence": "returned"}
+            ): "0.2x30",
+            _series(
+                "ufcal_live_window_size",
+                {"instance": "a:8000", "job": "ufcal", "confidence": "returned"},
+            ): "500x30",
+            _series(
+                "ufcal_live_ece", {"instance": "b:8000", "job": "ufcal", "confidence": "returned"}
+            ): "0.3x30",
+            _series(
+                "ufcal_live_window_size",
+                {"instance": "b:8000", "job": "ufcal", "confidence": "returned"},
+            ): "20x30",
+            # the raw score's ECE does not page anyone: the returned confidence is the promise
+            _series(
+                "ufcal_live_ece", {"instance": "c:8000", "job": "ufcal", "confidence": "raw"}
+            ): "0.3x30",
+            _series(
+                "ufcal_live_window_size",
+                {"instance": "c:8000", "job": "ufcal", "confidence": "raw"},
+            ): "500x30",
         },
-        [(20, "UfcalCalibrationDrift", [{**WARN, "instance": "a:8000", "job": "ufcal"}])],
+        [
+            (
+                20,
+                "UfcalCalibrationDrift",
+                [{**WARN, "instance": "a:8000", "job": "ufcal", "confidence": "returned"}],
+            )
+        ],
     ),
     AlertCase(
         "ECE 0.1",
         {
-            'ufcal_live_ece{instance="a:8000", job="ufcal"}': "0.1x30",
-            'ufcal_live_window_size{instance="a:8000", job="ufcal"}': "500x30",
+            _series(
+                "ufcal_live_ece", {"instance": "a:8000", "job": "ufcal", "confidence": "returned"}
+            ): "0.1x30",
+            _series(
+                "ufcal_live_window_size",
+                {"instance": "a:8000", "job": "ufcal", "confidence": "returned"},
+            ): "500x30",
         },
         [(20, "UfcalCalibrationDrift", [])],
     ),

@@ -86,6 +86,9 @@ async def score(client: httpx.AsyncClient, qid: str, p: float, n: int = 4) -> di
     return body
 
 
+RETURNED = frozenset({("confidence", "returned")})
+
+
 def gauges(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     out = {}
     for family in text_string_to_metric_families(text):
@@ -235,7 +238,7 @@ async def test_calibration_empty_is_nulls(db: str) -> None:
     assert all(body[m] is None for m in METRICS)
     assert [b["count"] for b in body["bins"]] == [0] * 5
     assert all(b["accuracy"] is None and b["confidence"] is None for b in body["bins"])
-    assert metrics[("ufcal_live_window_size", frozenset())] == 0.0
+    assert metrics[("ufcal_live_window_size", RETURNED)] == 0.0
 
 
 async def test_calibration_equals_calibration_report(db: str) -> None:
@@ -254,10 +257,10 @@ async def test_calibration_equals_calibration_report(db: str) -> None:
     assert_matches_report(cal, confs, corr)
     # the Prometheus gauges carry the same numbers
     for name in ("accuracy", "ece", "ipr", "ce", "brier"):
-        assert metrics[(f"ufcal_live_{name}", frozenset())] == pytest.approx(cal[name]), name
-    assert metrics[("ufcal_live_window_size", frozenset())] == len(DATA)
+        assert metrics[(f"ufcal_live_{name}", RETURNED)] == pytest.approx(cal[name]), name
+    assert metrics[("ufcal_live_window_size", RETURNED)] == len(DATA)
     for b in cal["bins"]:
-        label = frozenset({("bin", bin_label(b["upper"]))})
+        label = frozenset({("confidence", "returned"), ("bin", bin_label(b["upper"]))})
         assert metrics[("ufcal_live_bin_count", label)] == b["count"]
         if b["count"]:
             assert metrics[("ufcal_live_bin_accuracy", label)] == pytest.approx(b["accuracy"])
@@ -334,8 +337,8 @@ async def test_feedback_survives_a_restart(db: str) -> None:
         assert r.status_code == 201 and r.json()["window_size"] == 7
     assert after == before
     assert_matches_report(after, confs, [right for _, right in DATA[:6]])
-    assert metrics[("ufcal_live_ece", frozenset())] == pytest.approx(before["ece"])
-    assert metrics[("ufcal_live_window_size", frozenset())] == 6
+    assert metrics[("ufcal_live_ece", RETURNED)] == pytest.approx(before["ece"])
+    assert metrics[("ufcal_live_window_size", RETURNED)] == 6
 
 
 async def test_question_text_is_stored_only_with_log_text(new_db: Callable[[], str]) -> None:

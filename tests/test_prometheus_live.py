@@ -14,7 +14,6 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.servers import ServerProcess, free_port_in
+from tests.servers import ServerProcess, free_port_in, missing_tool
 
 UFCAL_PORTS = range(8400, 8500)
 PROMETHEUS_PORTS = range(9090, 9100)
@@ -84,10 +83,7 @@ def prometheus_bin() -> str:
             "\n!!! prometheus IS NOT INSTALLED: live Prometheus test SKIPPED.\n"
             "!!! CI installs it (make tools); locally run: apt-get install -y prometheus"
         )
-        if os.environ.get("UFCAL_REQUIRE_DEPLOY_TOOLS", "") not in ("", "0"):
-            pytest.fail(msg)
-        warnings.warn(msg, stacklevel=2)
-        pytest.skip(msg)
+        missing_tool(msg)
     assert path is not None
     return path
 
@@ -130,6 +126,9 @@ def promql(base_url: str, query: str) -> list[dict[str, Any]]:
     return result
 
 
+RETURNED = 'ufcal_live_{}{{confidence="returned"}}'
+
+
 def scalar(base_url: str, query: str) -> float | None:
     """The value of a one-series query, or None while it has no series."""
     result = promql(base_url, query)
@@ -169,13 +168,15 @@ def test_prometheus_scrapes_requests_and_live_calibration(
             assert series[0]["metric"]["instance"] == f"127.0.0.1:{ufcal.port}"
 
             wait_for(
-                lambda: scalar(prom_url, "ufcal_live_window_size") == len(correct),
+                lambda: scalar(prom_url, RETURNED.format("window_size")) == len(correct),
                 30,
                 "ufcal_live_window_size after feedback",
             )
             for name in ("ece", "accuracy", "brier", "ipr", "ce"):
-                got = scalar(prom_url, f"ufcal_live_{name}")
+                got = scalar(prom_url, RETURNED.format(name))
                 assert got == pytest.approx(calibration[name], abs=1e-9), name
+                raw = scalar(prom_url, f'ufcal_live_{name}{{confidence="raw"}}')
+                assert raw == pytest.approx(calibration["raw"][name], abs=1e-9), name
             feedback = {
                 s["metric"]["outcome"]: float(s["value"][1])
                 for s in promql(prom_url, "ufcal_feedback_total")
@@ -183,7 +184,7 @@ def test_prometheus_scrapes_requests_and_live_calibration(
             assert feedback == {"correct": 3.0, "wrong": 2.0}
             bins = {
                 s["metric"]["bin"]: float(s["value"][1])
-                for s in promql(prom_url, "ufcal_live_bin_count")
+                for s in promql(prom_url, RETURNED.format("bin_count"))
             }
             assert sum(bins.values()) == len(correct)
             assert len(bins) == calibration["n_bins"]
@@ -221,7 +222,7 @@ def test_feedback_survives_restart(tmp_path: Path) -> None:
     assert after == before and after["n"] == 4
     assert again.status_code == 409
     assert late.status_code == 201 and late.json()["window_size"] == 5
-    assert "ufcal_live_window_size 4.0" in metrics
+    assert 'ufcal_live_window_size{confidence="returned"} 4.0' in metrics
 
 
 def test_acknowledged_feedback_survives_kill_9(tmp_path: Path) -> None:

@@ -16,15 +16,21 @@ from pydantic import BaseModel
 
 from service.api import security
 from service.api.admission import Admission, DeadlineExceeded, Overloaded
+from service.api.calibrators import serving as calibrators_serving
 from service.api.common import AppState, ServiceUnavailable, app_state, error_response, one_line
+from service.api.errors import install_error_handlers
 from service.api.feedback import serving as feedback_serving
+from service.api.json_body import StrictJSONRoute
 from service.api.limits import BodySizeLimit, document_body_errors
 from service.api.score import serving as score_serving
+from service.api.scores import serving as scores_serving
 from service.api.watchdog import watch_engine
 from service.config import Settings
 from service.engines import build_engine
 from service.engines.base import Engine
+from service.recalibration import load_calibrator_files
 from service.telemetry import Telemetry
+from service.web import serving as web_serving
 
 log = logging.getLogger("ufcal")
 
@@ -47,6 +53,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     """Build the app. Without ``engine`` the settings select and start one in the
     background, so /healthz answers while the model loads and /readyz says when it is up."""
     settings = settings or Settings()
+    # Calibrator files are checked now, before any engine starts (CalibratorFileError).
+    imported = load_calibrator_files(settings.calibrator_files())
     state = AppState(
         settings=settings,
         telemetry=Telemetry(remote_engines=len(settings.engine_urls)),
@@ -86,13 +94,21 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await feedback_serving.open_store(state)  # scores, feedback, live calibration
+        # scores, feedback, live calibration, calibrators
+        await feedback_serving.open_store(state, imported)
         state.engine_task = asyncio.create_task(start_engine())
+        refresh = (
+            asyncio.create_task(state.recalibrator.refresh_every(settings.calibrator_refresh_s))
+            if state.recalibrator is not None
+            else None
+        )
         freeze_heap()
         watchdog = asyncio.create_task(watch_engine(state, settings.health_interval_s, on_fatal))
         try:
             yield
         finally:
+            if refresh is not None:
+                refresh.cancel()
             await feedback_serving.close_store(state)
             watchdog.cancel()
             state.engine_task.cancel()
@@ -107,9 +123,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         summary="Calibrated confidence for LLM multiple-choice answers (UF Calibration).",
         lifespan=lifespan,
     )
+    app.router.route_class = StrictJSONRoute  # routes added on the app itself too
     app.state.ufcal = state
     app.state.settings = settings
+    install_error_handlers(app)
     public = security.open_paths(settings.metrics_auth)
+    if settings.ui:  # the page and its assets hold no data; the page asks for the key
+        public |= web_serving.PATHS
     security.document_security(app, public)
     document_body_errors(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
@@ -131,6 +151,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app.include_router(score_serving.router)
     app.include_router(feedback_serving.router)
+    app.include_router(calibrators_serving.router)
+    app.include_router(scores_serving.router)
+    if settings.ui:
+        app.include_router(web_serving.build_router())
 
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz() -> HealthResponse:

@@ -13,7 +13,15 @@ from pydantic import BaseModel, Field
 from service.api.admission import Admission, DeadlineExceeded, Overloaded
 from service.calibration.prompts import PromptTemplate
 from service.config import Settings
-from service.engines.base import Engine, EngineError, EngineFeatureMissing, EngineUnavailable
+from service.context_fit import ContextOverflow
+from service.engines.base import (
+    Engine,
+    EngineError,
+    EngineFeatureMissing,
+    EngineRejected,
+    EngineUnavailable,
+)
+from service.recalibration import Recalibrator
 from service.scoring import Unscorable
 from service.store import Store
 from service.telemetry import Telemetry
@@ -41,8 +49,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "The engine lacks what the mode needs."},
     422: {
         "model": ValidationErrorResponse | ErrorResponse,
-        "description": "Invalid input (the error names the field), or no model reply "
-        "named an option (detail starts with 'cannot score').",
+        "description": "Invalid input (the error names the field; a question over the "
+        "model's context has type context_length_exceeded), the engine refused the question "
+        "(engine_rejected), or no model reply named an option (detail starts with "
+        "'cannot score').",
     },
     502: {"model": ErrorResponse, "description": "The engine failed."},
     503: {"model": ErrorResponse, "description": "The engine is not ready or unreachable."},
@@ -70,6 +80,7 @@ class AppState:
     engine_error: str | None = None
     engine_task: asyncio.Task[None] | None = field(default=None, repr=False)
     store: Store | None = field(default=None, repr=False)
+    recalibrator: Recalibrator | None = field(default=None, repr=False)
     admission: Admission = field(default_factory=lambda: Admission(16, 64), repr=False)
     exit_code: int = 0  # non-zero: the engine died, the process exits with it
 
@@ -107,6 +118,21 @@ def error_response(exc: Exception, mode: str) -> JSONResponse:
         return JSONResponse({"detail": one_line(exc)}, status_code=504)
     if isinstance(exc, EngineFeatureMissing):
         return JSONResponse({"detail": f"mode {mode!r}: {one_line(exc)}"}, status_code=400)
+    if isinstance(exc, ContextOverflow):
+        issue = {
+            "loc": ["body", "question"],
+            "msg": str(exc),
+            "type": "context_length_exceeded",
+            "ctx": {
+                "prompt_tokens": exc.prompt_tokens,
+                "new_tokens": exc.new_tokens,
+                "limit": exc.limit,
+            },
+        }
+        return JSONResponse({"detail": [issue]}, status_code=422)
+    if isinstance(exc, EngineRejected):
+        issue = {"loc": ["body"], "msg": one_line(exc), "type": "engine_rejected"}
+        return JSONResponse({"detail": [issue]}, status_code=422)
     if isinstance(exc, EngineUnavailable | ServiceUnavailable):
         return JSONResponse(
             {"detail": one_line(exc)}, status_code=503, headers={"Retry-After": "5"}

@@ -144,15 +144,38 @@ _ERROR_SCHEMA = {
     "properties": {"detail": {"type": "string"}},
     "required": ["detail"],
 }
+_ISSUES_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "detail": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "loc": {
+                        "type": "array",
+                        "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                    },
+                    "msg": {"type": "string"},
+                    "type": {"type": "string"},
+                },
+                "required": ["loc", "msg", "type"],
+            },
+        }
+    },
+    "required": ["detail"],
+}
 _BODY_ERRORS = {
-    "400": "The body is not UTF-8 JSON (FastAPI cannot parse it).",
-    "413": "The body is over UFCAL_MAX_BODY_BYTES.",
+    "400": ("The body could not be read.", _ERROR_SCHEMA),
+    "413": ("The body is over UFCAL_MAX_BODY_BYTES.", _ERROR_SCHEMA),
+    "415": ("The body was not sent as application/json (UTF-8).", _ISSUES_SCHEMA),
 }
 
 
 def document_body_errors(app: FastAPI) -> None:
     """Make ``app.openapi()`` list the refusals every operation with a body can answer
-    before its handler runs: 400 (unparseable body) and 413 (too large)."""
+    before its handler runs: 400 (unreadable body), 413 (too large) and 415 (not JSON).
+    A body that is not strict JSON is a 422 (``service.api.json_body``)."""
     build: Callable[[], dict[str, Any]] = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -162,12 +185,12 @@ def document_body_errors(app: FastAPI) -> None:
                 if not isinstance(operation, dict) or "requestBody" not in operation:
                     continue
                 responses = operation.setdefault("responses", {})
-                for code, description in _BODY_ERRORS.items():
+                for code, (description, body) in _BODY_ERRORS.items():
                     responses.setdefault(
                         code,
                         {
                             "description": description,
-                            "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+                            "content": {"application/json": {"schema": body}},
                         },
                     )
         return schema

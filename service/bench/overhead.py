@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 from service.calibration.prompts import Prompt
 from service.config import Settings
-from service.engines.base import Generation, GenerationParams, LetterRead
+from service.engines.base import Generation, GenerationParams, LetterRead, TokenCounts
 
 #: How long the instant-engine server may take to start (imports alone take 20 s and more
 #: on a busy machine).
@@ -69,6 +69,9 @@ class InstantEngine:
     ) -> list[Generation]:
         return [Generation([" B"] * p.n, 60, p.n) for p in params]
 
+    async def count_tokens(self, prompts: Sequence[Prompt]) -> TokenCounts:
+        return TokenCounts([60] * len(prompts), 4096)
+
     async def close(self) -> None:
         return None
 
@@ -110,19 +113,16 @@ def split_cores() -> tuple[set[int], set[int]] | None:
 
 
 @contextlib.contextmanager
-def instant_server(cores: set[int] | None = None, db_url: str | None = None) -> Any:
-    """Run ``serve_instant`` in a subprocess (on ``cores`` if given); yield its base URL.
-    The store is a throwaway SQLite file, or the database ``db_url`` names."""
+def instant_server(cores: set[int] | None = None, env: dict[str, str] | None = None) -> Any:
+    """Run ``serve_instant`` in a subprocess (on ``cores`` if given, with ``env`` over the
+    environment); yield its base URL."""
     port = _free_port()
     # A throwaway database: the store's writes are part of the overhead, its rows are not
     # worth keeping.
     db_dir = tempfile.mkdtemp(prefix="ufcal-bench-")
-    env = {k: v for k, v in os.environ.items() if k != "UFCAL_DB_URL"}
-    env["UFCAL_DB_PATH"] = os.path.join(db_dir, "bench.db")
-    if db_url:
-        env["UFCAL_DB_URL"] = db_url
+    env = {**os.environ, "UFCAL_DB_PATH": os.path.join(db_dir, "bench.db"), **(env or {})}
     # The log lines are formatted and written as in production, then dropped.
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # noqa: S603 # fixed argv: this interpreter, our module
         [sys.executable, "-m", "service.bench.overhead", str(port)],
         env=env,
         # set before exec, so that every thread of the server inherits it
@@ -195,7 +195,8 @@ def measure_overhead(
     """The overhead table: one row per concurrency (server and client on separate cores
     where the machine has two or more), with the store on SQLite or on ``db_url``."""
     split = split_cores()
-    with instant_server(split[0] if split else None, db_url) as url:
+    env = {"UFCAL_DB_URL": db_url} if db_url else None
+    with instant_server(split[0] if split else None, env) as url:
         mine = os.sched_getaffinity(0) if split else None
         if split:
             os.sched_setaffinity(0, split[1])

@@ -6,6 +6,7 @@ prefix cache serves all the prompts of a question from one cached prefix."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import string
 from collections.abc import Sequence
@@ -36,12 +37,17 @@ class PromptTemplate:
 @dataclass(frozen=True)
 class Prompt:
     """One rendered prompt. ``user`` is the question block; engines turn it into either a
-    chat conversation (user message + pre-filled assistant turn) or a plain text."""
+    chat conversation (user message + pre-filled assistant turn) or a plain text.
+
+    ``prefix_key`` is the same for every prompt of one question (``prefix_key()``): engines
+    over several servers send all of them to one server, whose prefix cache then serves the
+    prefix they share. Empty: no affinity."""
 
     user: str
     answer_prefix: str
     chat: bool
     system_prompt: str | None = None
+    prefix_key: str = ""
 
     @property
     def text(self) -> str:
@@ -117,7 +123,19 @@ def render(question: Question, shown: Sequence[ShownOption], template: PromptTem
         answer_prefix=template.answer_prefix,
         chat=template.chat,
         system_prompt=template.system_prompt,
+        prefix_key=prefix_key(question, template),
     )
+
+
+def prefix_key(question: Question, template: PromptTemplate) -> str:
+    """A stable key of the question and what precedes it (system prompt, few-shot text):
+    the same for every prompt rendered from the question, whatever its option list or
+    instruction, and in every process (SHA-256, not Python's salted ``hash()``). The
+    options are part of it, so that many questions sharing a stem ("Which of the following
+    is true?") spread over the servers instead of piling onto one."""
+    parts = [template.system_prompt or "", template.few_shot, question.text, *question.options]
+    digest = hashlib.sha256("\x00".join(parts).encode())
+    return digest.hexdigest()[:32]
 
 
 _ANSWER_LEAD = re.compile(

@@ -24,6 +24,8 @@ async def build_engine(settings: Settings) -> Engine:
             ),
             timeout_s=settings.engine_timeout_s,
             retry_s=settings.engine_retry_s,
+            routing=settings.engine_routing,
+            load_guard=settings.engine_load_guard,
         )
     from service.engines.embedded import EMBEDDED_MODEL_ID, prepare_embedded_model
     from service.engines.vllm_local import LocalEngineConfig, LocalVLLMEngine

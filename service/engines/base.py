@@ -2,7 +2,11 @@
 
 All methods take a batch: the scorer sends every prompt of one step at once, and the
 adapter hands them to vLLM together so that its scheduler batches them (and batches them
-with other requests' prompts)."""
+with other requests' prompts).
+
+Every prompt carries its question's ``prefix_key`` (``render`` sets it): an adapter over
+several servers sends the prompts of one key to one server (``routing.py``), so that its
+prefix cache serves what they share; an adapter over one engine ignores it."""
 
 from __future__ import annotations
 
@@ -19,6 +23,11 @@ class EngineError(Exception):
 
 class EngineUnavailable(EngineError):
     """The engine cannot be reached or is not ready (HTTP 503)."""
+
+
+class EngineRejected(EngineError):
+    """The engine refused a request because of what it holds (a prompt over the context, a
+    value out of its range): the client's question is the cause (HTTP 422, not a fault)."""
 
 
 class EngineFeatureMissing(EngineError):
@@ -62,6 +71,15 @@ class GenerationParams:
     choices: tuple[str, ...] | None = None
 
 
+@dataclass(frozen=True)
+class TokenCounts:
+    """Prompt lengths as the engine's own tokenizer counts them, and its context length
+    (prompt plus generated tokens of one request)."""
+
+    counts: list[int]
+    context_length: int
+
+
 @runtime_checkable
 class Engine(Protocol):
     """An LLM engine the scorer can drive."""
@@ -93,6 +111,11 @@ class Engine(Protocol):
         self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]
     ) -> list[Generation]:
         """For each prompt, completions decoded with its params."""
+        ...
+
+    async def count_tokens(self, prompts: Sequence[Prompt]) -> TokenCounts:
+        """The tokens each prompt takes as sent (chat template applied), and the context;
+        ``EngineFeatureMissing`` when the engine cannot count."""
         ...
 
     async def close(self) -> None:

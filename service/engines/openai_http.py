@@ -1,5 +1,10 @@
 """Client for vLLM's OpenAI-compatible server (one or several base URLs).
 
+Routing over several servers (``service/engines/routing.py``): by default every prompt of
+one question (the same ``Prompt.prefix_key``) goes to the same server, chosen by rendezvous
+hashing, so that its prefix cache serves what the prompts share; ``round_robin`` spreads
+the requests evenly instead. Prompts without a key (and /tokenize) go round-robin.
+
 Chat prompts go to ``/v1/chat/completions`` with the assistant turn pre-filled
 (``continue_final_message``); plain prompts to ``/v1/completions``. Letter log-probs use
 vLLM's ``logprob_token_ids``; restricted choices use ``structured_outputs.choice``. Both are
@@ -7,17 +12,16 @@ vLLM extensions: another OpenAI-compatible server gets a clear error naming the 
 
 Faults: every call is a pure read (idempotent), so a connection error, a dropped connection
 or a 502/503/504 is retried with exponential backoff, on the next healthy server when there
-are several, for up to ``retry_s`` seconds; then ``EngineUnavailable`` (HTTP 503). A server
-that failed is marked down and skipped until a probe (``ready``) or a call succeeds again,
-so the service recovers by itself when the server comes back. While every server is down,
-a call makes one attempt and fails fast instead of waiting out the retry budget.
-Cancelling a call (the request deadline) closes its HTTP connection, which makes vLLM's
-server abort the request."""
+are several (the next in the key's rank under affinity), for up to ``retry_s`` seconds;
+then ``EngineUnavailable`` (HTTP 503). A server that failed is marked down and skipped
+until a probe (``ready``) or a call succeeds again, so the service recovers by itself when
+the server comes back. While every server is down, a call makes one attempt and fails
+fast instead of waiting out the retry budget. Cancelling a call (the request deadline)
+closes its HTTP connection, which makes vLLM's server abort the request."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 import time
@@ -30,19 +34,25 @@ from service.calibration.prompts import Prompt, letter_forms
 from service.engines.base import (
     EngineError,
     EngineFeatureMissing,
+    EngineRejected,
     EngineUnavailable,
     Generation,
     GenerationParams,
     LetterRead,
+    TokenCounts,
 )
 from service.engines.letters import combine_letter_logprobs, letter_token_ids
+from service.engines.routing import EngineRouter, Routing
 
 log = logging.getLogger(__name__)
 # httpx logs every request at INFO: with health probes every few seconds that is noise.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-_TOKEN_ID_PREFIX = "token_id:"
+_TOKEN_ID_PREFIX = "token_id:"  # noqa: S105 # a reply format marker, not a password
 _RETRY_STATUS = frozenset({502, 503, 504})
+# vLLM answers these when the request itself is refused (VLLMClientError: a prompt over the
+# context, a value out of range): the client's question is the cause, not the engine.
+_REJECTED_STATUS = frozenset({400, 413, 422})
 #: Idle connections are dropped before uvicorn's own 5 s keep-alive timeout closes them.
 KEEPALIVE_EXPIRY_S = 2.0
 # Connection-level failures: the server is gone, restarting or dropped the connection.
@@ -57,7 +67,8 @@ _RETRYABLE = (
 
 
 class OpenAIHTTPEngine:
-    """Spreads prompts round-robin over the given vLLM servers."""
+    """Sends prompts to the given vLLM servers, a question's prompts to one server
+    (``routing="affinity"``) or each request to the next server (``"round_robin"``)."""
 
     retry_start = True  # the service keeps trying to start while the server is away
 
@@ -72,11 +83,13 @@ class OpenAIHTTPEngine:
         retry_s: float = 5.0,
         backoff_s: float = 0.1,
         max_backoff_s: float = 1.0,
+        routing: Routing = "affinity",
+        load_guard: float = 0.0,
     ) -> None:
         if not base_urls:
             raise ValueError("at least one engine URL is needed")
         self._urls = [u.rstrip("/") for u in base_urls]
-        self._next_url = itertools.cycle(range(len(self._urls)))
+        self._router = EngineRouter(self._urls, routing, load_guard)
         self._model = model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
@@ -95,7 +108,6 @@ class OpenAIHTTPEngine:
         self._retry_s = retry_s
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
-        self._down: dict[str, float] = {}  # base URL -> when it was marked down
         self.retries = 0  # connection-level retries so far (for tests and logs)
 
     @property
@@ -109,35 +121,32 @@ class OpenAIHTTPEngine:
     @property
     def down(self) -> list[str]:
         """The servers marked down now."""
-        return [u for u in self._urls if u in self._down]
+        return self._router.down
 
-    def _url(self) -> str:
-        """The next server round-robin, skipping those marked down (unless all are)."""
-        for _ in range(len(self._urls)):
-            base = self._urls[next(self._next_url)]
-            if base not in self._down:
-                return base
-        return self._urls[next(self._next_url)]
+    @property
+    def routing(self) -> Routing:
+        return self._router.routing
 
     def _mark(self, base: str, up: bool) -> None:
-        if up:
-            if self._down.pop(base, None) is not None:
+        if self._router.mark(base, up):
+            if up:
                 log.info("engine back up", extra={"fields": {"engine": base}})
-        elif base not in self._down:
-            self._down[base] = time.monotonic()
-            log.warning("engine down", extra={"fields": {"engine": base}})
+            else:
+                log.warning("engine down", extra={"fields": {"engine": base}})
 
-    async def _post(self, path: str, body: dict[str, Any], base: str | None = None) -> Any:
-        """POST with retries of connection-level failures for up to ``retry_s``; a single
-        attempt when every server is already known to be down (a fast 503, no pile-up)."""
-        all_down = len(self._down) == len(self._urls)
-        give_up = time.monotonic() + (0.0 if all_down else self._retry_s)
+    async def _post(self, path: str, body: dict[str, Any], key: str | None = None) -> Any:
+        """POST to the server for ``key`` with retries of connection-level failures for up
+        to ``retry_s``, each on the server routing names then (a failed one is marked down,
+        so the next in rank); a single attempt when every server is already known to be
+        down (a fast 503, no pile-up)."""
+        give_up = time.monotonic() + (0.0 if self._router.all_down else self._retry_s)
         attempt = 0
         while True:
-            server = base or self._url()
+            server = self._router.choose(key)
             url = server + path
             try:
-                response = await self._client.post(url, json=body)
+                with self._router.sending(server):
+                    response = await self._client.post(url, json=body)
             except _RETRYABLE as exc:
                 failure = f"engine at {url} is unreachable: {type(exc).__name__}: {exc}"
             except httpx.TimeoutException as exc:
@@ -150,7 +159,7 @@ class OpenAIHTTPEngine:
                 failure = f"engine at {url} answered {response.status_code}"
             self._mark(server, up=False)
             delay = min(self._max_backoff_s, self._backoff_s * 2**attempt)
-            delay *= random.uniform(0.5, 1.0)  # jitter: no thundering herd on restart
+            delay *= random.uniform(0.5, 1.0)  # noqa: S311 # jitter against a thundering herd
             if time.monotonic() + delay > give_up:
                 raise EngineUnavailable(failure)
             self.retries += 1
@@ -161,6 +170,11 @@ class OpenAIHTTPEngine:
             raise EngineUnavailable(f"engine at {url} answered {response.status_code}")
         if response.status_code == 404:
             raise EngineFeatureMissing(f"the endpoint {path}")
+        if response.status_code in _REJECTED_STATUS:
+            raise EngineRejected(
+                f"the engine refused the request ({response.status_code}): "
+                f"{_error_message(response)}"
+            )
         if response.status_code >= 400:
             raise EngineError(
                 f"engine at {url} refused the request ({response.status_code}): "
@@ -246,7 +260,7 @@ class OpenAIHTTPEngine:
                     "return_tokens_as_token_ids": True,
                 },
             )
-            reply = await self._post(path, body)
+            reply = await self._post(path, body, prompt.prefix_key)
             token_logprobs = _read_token_logprobs(reply, chat=prompt.chat)
             try:
                 combined = combine_letter_logprobs(table, token_logprobs, wanted)
@@ -276,7 +290,7 @@ class OpenAIHTTPEngine:
             if p.choices:
                 extra["structured_outputs"] = {"choice": list(p.choices)}
             path, body = self._body(prompt, extra)
-            reply = await self._post(path, body)
+            reply = await self._post(path, body, prompt.prefix_key)
             try:
                 choices = sorted(reply["choices"], key=lambda c: int(c.get("index", 0)))
                 texts = [
@@ -299,6 +313,31 @@ class OpenAIHTTPEngine:
             await asyncio.gather(*(one(p, q) for p, q in zip(prompts, params, strict=True)))
         )
 
+    async def count_tokens(self, prompts: Sequence[Prompt]) -> TokenCounts:
+        """vLLM's ``/tokenize`` over each prompt as it is sent (chat: the same messages and
+        template flags as ``/v1/chat/completions``), and the server's ``max_model_len``."""
+
+        async def one(prompt: Prompt) -> tuple[int, int]:
+            body: dict[str, Any] = {"model": self.model}
+            if prompt.chat:
+                body.update(
+                    messages=prompt.messages(),
+                    add_generation_prompt=False,
+                    continue_final_message=True,
+                )
+            else:
+                body["prompt"] = prompt.text
+            reply = await self._post("/tokenize", body)
+            try:
+                return int(reply["count"]), int(reply["max_model_len"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise EngineFeatureMissing("token counts (vLLM's /tokenize)") from exc
+
+        results = await asyncio.gather(*(one(p) for p in prompts))
+        if not results:
+            return TokenCounts([], 0)
+        return TokenCounts([c for c, _ in results], min(limit for _, limit in results))
+
     async def reset_prefix_cache(self) -> bool:
         """Empty every server's prefix cache (benchmarks: each variant starts cold). Needs
         the servers' dev endpoints (``VLLM_SERVER_DEV_MODE=1``); False where refused."""
@@ -315,10 +354,22 @@ class OpenAIHTTPEngine:
         """vLLM's running totals of prompt tokens by where they came from, summed over the
         servers: ``computed`` (prefilled) and ``cached`` (served by the prefix cache). For
         benchmarks; None when a server does not export them."""
+        by_server = await self.server_counters()
+        if by_server is None:
+            return None
+        return {
+            name: sum(counters[name] for counters in by_server.values())
+            for name in ("computed", "cached")
+        }
+
+    async def server_counters(self) -> dict[str, dict[str, float]] | None:
+        """Each server's own running totals from its /metrics: ``computed`` and ``cached``
+        prompt tokens and ``requests`` finished. For benchmarks and routing tests; None when
+        a server does not export them."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        totals = {"computed": 0.0, "cached": 0.0}
         sources = {"local_compute": "computed", "local_cache_hit": "cached"}
+        out: dict[str, dict[str, float]] = {}
         for base in self._urls:
             try:
                 response = await self._client.get(base + "/metrics", timeout=30.0)
@@ -326,18 +377,23 @@ class OpenAIHTTPEngine:
                 return None
             if response.status_code != 200:
                 return None
+            totals = {"computed": 0.0, "cached": 0.0, "requests": 0.0}
             found = False
             for family in text_string_to_metric_families(response.text):
-                if family.name != "vllm:prompt_tokens_by_source":
-                    continue
                 for sample in family.samples:
-                    key = sources.get(sample.labels.get("source", ""))
-                    if key and sample.name.endswith("_total"):
-                        totals[key] += sample.value
-                        found = True
+                    if not sample.name.endswith("_total"):
+                        continue
+                    if family.name == "vllm:prompt_tokens_by_source":
+                        key = sources.get(sample.labels.get("source", ""))
+                        if key:
+                            totals[key] += sample.value
+                            found = True
+                    elif family.name == "vllm:request_success":
+                        totals["requests"] += sample.value
             if not found:
                 return None
-        return totals
+            out[base] = totals
+        return out
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -20,10 +20,12 @@ from service.calibration.prompts import Prompt
 from service.config import Dtype
 from service.engines.base import (
     EngineError,
+    EngineRejected,
     EngineUnavailable,
     Generation,
     GenerationParams,
     LetterRead,
+    TokenCounts,
 )
 from service.engines.letters import combine_letter_logprobs, letter_token_ids
 
@@ -155,6 +157,8 @@ class LocalVLLMEngine:
         except Exception as exc:
             if self.dead:
                 raise EngineUnavailable(f"in-process vLLM engine died: {exc}") from exc
+            if _caused_by_request(exc):
+                raise EngineRejected(f"vLLM refused the request: {exc}") from exc
             raise EngineError(f"vLLM failed: {exc}") from exc
         if final is None or not final.outputs:
             raise EngineError("vLLM returned no output")
@@ -217,6 +221,14 @@ class LocalVLLMEngine:
             await asyncio.gather(*(one(p, q) for p, q in zip(prompts, params, strict=True)))
         )
 
+    async def count_tokens(self, prompts: Sequence[Prompt]) -> TokenCounts:
+        """vLLM's own tokenizer over each prompt as ``_run`` sends it (a text prompt, which
+        vLLM encodes with the tokenizer's special tokens)."""
+        if self._llm is None:
+            raise EngineUnavailable("engine not started")
+        counts = [len(self._tokenizer.encode(self._render(p))) for p in prompts]
+        return TokenCounts(counts, int(self._llm.model_config.max_model_len))
+
     async def reset_prefix_cache(self) -> bool:
         """Empty the prefix cache (benchmarks: each variant starts cold)."""
         if self._llm is None:
@@ -230,3 +242,14 @@ class LocalVLLMEngine:
                 llm.shutdown()
             except Exception as exc:  # a dead engine may fail to shut down cleanly
                 log.warning("vLLM shutdown failed: %s", exc)
+
+
+def _caused_by_request(exc: Exception) -> bool:
+    """vLLM's own split: ``VLLMClientError`` (validation of the request: a prompt over the
+    context, a parameter out of range) is the request's fault; older versions raise a
+    ``ValueError`` from the same validation."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # pragma: no cover - older vLLM
+        return isinstance(exc, ValueError)
+    return isinstance(exc, VLLMClientError | ValueError)

@@ -58,7 +58,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="default: UFCAL_DATA_DIR")
     parser.add_argument("--bins", type=at_least(1), default=10, help="bins of ECE, IPR, CE")
     parser.add_argument(
-        "--no-run", action="store_true", help="only summarise what the results file holds"
+        "--no-run",
+        action="store_true",
+        help="only summarise what the results file holds (no engine is started; every mode "
+        "in the file is reported unless --mode names one)",
+    )
+    parser.add_argument(
+        "--no-recalibration",
+        action="store_true",
+        help="skip the cross-fitted and transfer recalibration tables",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -21,14 +21,20 @@ from service.evaluation.arguments import add_eval_arguments, check_eval_argument
 from service.evaluation.data import Item, load_selection
 from service.evaluation.report import (
     GroupSummary,
+    Recalibrated,
+    Transfer,
     figure_name,
     markdown_table,
+    recalibrated,
+    recalibrated_table,
     summarize,
+    transfer_tables,
+    transfers,
     write_figures,
 )
 from service.evaluation.results import ResultsFile, row_key
 from service.evaluation.runner import EvalStats, run_eval
-from service.scoring import Method, ResolvedMode, ScoreParams, method_mode
+from service.scoring import Method, ScoreParams, method_mode
 
 __all__ = ["add_eval_arguments", "eval_command"]
 
@@ -84,11 +90,17 @@ def render_report(
     figures: Path | None,
     report_path: Path,
     notes: str = "",
+    recal: Sequence[Recalibrated] = (),
+    transfer: Sequence[Transfer] = (),
 ) -> str:
     """The Markdown report: command, set-up, wall time, table, parse rates, diagrams."""
+    # Questions with rows in the file (a run stopped early, or --no-run over part of the
+    # selection, reports what was scored, not what was asked for).
+    scored = {(str(r["dataset"]), str(r["id"])) for r in rows}
     per_dataset: dict[str, int] = {}
     for item in items:
-        per_dataset[item.dataset] = per_dataset.get(item.dataset, 0) + 1
+        if (item.dataset, item.id) in scored:
+            per_dataset[item.dataset] = per_dataset.get(item.dataset, 0) + 1
     models = sorted({str(r["model"]) for r in rows if "model" in r})
     wall = wall_time_s(rows)
     out = [
@@ -125,6 +137,30 @@ def render_report(
         *_parse_lines(summaries, rows, params.samples),
         "",
     ]
+    if recal:
+        out += [
+            "## Recalibrated (5-fold cross-fitting within each dataset)",
+            "",
+            "Each row's recalibrated confidence comes from a calibrator (Platt, beta or "
+            "isotonic, chosen by cross-validated log-loss, as `ufcal calibrate` and the "
+            "online refits do) fitted on the other four fifths of the same dataset and "
+            "method, never on the row itself. A calibrator is monotone, so AUROC moves only "
+            "by the ties it makes; `≈ base rate` marks a recalibrated confidence that hardly "
+            "varies: the raw score carries no usable signal and the calibrator returns the "
+            "dataset's accuracy.",
+            "",
+            recalibrated_table(recal),
+        ]
+    if transfer:
+        out += [
+            "## Transfer (fit on one dataset, apply to another)",
+            "",
+            "A calibrator fitted on all of one dataset's rows, applied to each other "
+            "dataset's rows of the same method and mode: on how many of the ordered pairs it "
+            "lowered ECE and Brier, then every pair for UF.",
+            "",
+            transfer_tables(transfer),
+        ]
     if figures is not None:
         out += [
             "## Reliability diagrams",
@@ -142,21 +178,30 @@ def render_report(
     return "\n".join(out)
 
 
+def _file_modes(method: Method, requested: str) -> set[str]:
+    """The modes of a method's rows that ``--no-run`` reports (no engine to resolve auto)."""
+    if method == "sampled":
+        return {"sampling"}
+    if method == "token":
+        return {"logprobs"}
+    return {"logprobs", "sampling"} if requested == "auto" else {requested}
+
+
 async def _run(
     args: argparse.Namespace,
     items: list[Item],
     methods: list[Method],
     settings: Settings,
     params: ScoreParams,
-) -> tuple[EvalStats, dict[Method, ResolvedMode]]:
+) -> tuple[EvalStats, dict[Method, set[str]]]:
+    if args.no_run:
+        return EvalStats(questions=len(items)), {m: _file_modes(m, params.mode) for m in methods}
     from service.engines import build_engine
 
     engine = await build_engine(settings)
     await engine.start()
     try:
-        modes = {m: method_mode(m, params.mode, engine) for m in methods}
-        if args.no_run:
-            return EvalStats(questions=len(items)), modes
+        modes: dict[Method, set[str]] = {m: {method_mode(m, params.mode, engine)} for m in methods}
         with ResultsFile(args.out) as results:
             stats = await run_eval(
                 items,
@@ -183,7 +228,8 @@ def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
         items = load_selection(paths, args.limit, args.per_subject, args.seed)
     except ValueError as exc:
         raise ArgumentError(f"FILES: {exc}") from None
-    check_engine_settings(settings)
+    if not args.no_run:  # --no-run only reads the results file
+        check_engine_settings(settings)
     params = ScoreParams(
         method="uf",
         mode=args.mode or settings.mode,
@@ -195,10 +241,21 @@ def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
     )
     started = time.time()
     stats, modes = asyncio.run(_run(args, items, methods, settings, params))
-    wanted = {(i.dataset, i.id, m, modes[m]) for i in items for m in methods}
+    wanted = {(i.dataset, i.id, m, mode) for i in items for m in methods for mode in modes[m]}
     rows = [r for r in ResultsFile(args.out).rows if row_key(r) in wanted]
     summaries = summarize(rows, methods, list(dict.fromkeys(i.dataset for i in items)), args.bins)
     print(markdown_table(summaries), end="")
+    recal: list[Recalibrated] = []
+    transfer: list[Transfer] = []
+    if not args.no_recalibration:
+        recal = recalibrated(summaries, rows, args.bins)
+        transfer = transfers(
+            rows, methods, list(dict.fromkeys(s.dataset for s in summaries)), args.bins
+        )
+        print("\nRecalibrated (5-fold cross-fitting within each dataset):\n")
+        print(recalibrated_table(recal), end="")
+        print("\nTransfer (fit on one dataset, apply to another):\n")
+        print(transfer_tables(transfer), end="")
     print(
         f"{stats.questions} questions: {stats.skipped} already done, {stats.written} rows "
         f"written ({stats.unscorable} unscorable), {stats.failed} failed on the engine; "
@@ -225,6 +282,8 @@ def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
                 figures,
                 report_path,
                 notes,
+                recal,
+                transfer,
             ),
             encoding="utf-8",
         )

@@ -15,6 +15,7 @@ from service.store.records import (
     LiveCalibration,
     ScoreConflict,
     ScoreRecord,
+    StoredScore,
     StoreError,
     StoreUnavailable,
     UnknownScore,
@@ -37,6 +38,7 @@ __all__ = [
     "StoreError",
     "StoreObserver",
     "StoreUnavailable",
+    "StoredScore",
     "UnknownScore",
     "live_calibration",
 ]

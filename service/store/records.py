@@ -117,6 +117,16 @@ class LabelRow:
 
 
 @dataclass(frozen=True)
+class StoredScore:
+    """A stored score with its feedback, if any (``correct`` is ``None`` without)."""
+
+    score: ScoreRecord
+    correct: bool | None = None
+    gold_index: int | None = None
+    feedback_at: float | None = None
+
+
+@dataclass(frozen=True)
 class LiveCalibration:
     """Calibration of the live window; every metric is ``None`` when ``n == 0``."""
 

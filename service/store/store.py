@@ -51,6 +51,7 @@ from service.store.records import (
     LiveCalibration,
     ScoreConflict,
     ScoreRecord,
+    StoredScore,
     StoreUnavailable,
     UnknownScore,
     live_calibration,
@@ -73,7 +74,7 @@ _SCORE_COLUMNS = [c.name for c in scores.columns if c.name != "id"]
 class StoreObserver(Protocol):
     """Who hears about the store's state (the service's telemetry)."""
 
-    def set_live_calibration(self, report: LiveCalibration) -> None: ...
+    def set_live_calibration(self, report: LiveCalibration, confidence: str = ...) -> None: ...
     def set_store_up(self, up: bool) -> None: ...
     def set_score_queue(self, n: int) -> None: ...
     def observe_scores_dropped(self, n: int) -> None: ...
@@ -568,6 +569,7 @@ class Store:
             self._stale = True
             if self.observer is not None:
                 self.observer.set_live_calibration(self.calibration())
+                self.observer.set_live_calibration(self.raw_calibration(), "raw")
         return True
 
     async def _refresh_loop(self) -> None:
@@ -577,6 +579,61 @@ class Store:
                 await self.refresh()
             except Exception:  # pragma: no cover - keep refreshing whatever happened
                 log.exception("store: live window refresh failed")
+
+    async def recent_scores(self, limit: int) -> list[StoredScore]:
+        """The last ``limit`` committed scores, newest first, each with its feedback if it
+        has one (a score still in the writer's queue is not among them yet)."""
+        s, f = scores.c, feedback.c
+        query = (
+            select(
+                s.id,
+                s.model,
+                s.method,
+                s.mode,
+                s.answer_index,
+                s.confidence,
+                s.uncertainty,
+                s.n_options,
+                s.created_at,
+                s.question,
+                s.options,
+                f.correct,
+                f.gold_index,
+                f.received_at,
+            )
+            .select_from(scores.outerjoin(feedback, f.id == s.id))
+            .order_by(s.created_at.desc())
+            .limit(limit)
+        )
+        try:
+            async with asyncio.timeout(self.backend.operation_timeout_s):
+                async with self.engine.connect() as conn:
+                    rows = (await conn.execute(query)).all()
+        except Exception as exc:
+            if connection_lost(exc):
+                self._set_up(False, exc)
+            raise StoreUnavailable(f"the database is unavailable ({self.backend.where()})") from exc
+        return [
+            StoredScore(
+                ScoreRecord(
+                    id=r[0],
+                    model=r[1],
+                    method=r[2],
+                    mode=r[3],
+                    answer_index=int(r[4]),
+                    confidence=float(r[5]),
+                    uncertainty=float(r[6]),
+                    n_options=int(r[7]),
+                    created_at=float(r[8]),
+                    question=r[9],
+                    options=None if r[10] is None else tuple(json.loads(r[10])),
+                ),
+                correct=None if r[11] is None else bool(r[11]),
+                gold_index=r[12],
+                feedback_at=r[13],
+            )
+            for r in rows
+        ]
 
     # -- calibrators (issue 10's recalibration) -----------------------------------------------
 

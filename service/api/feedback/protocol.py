@@ -56,8 +56,23 @@ class ReliabilityBinOut(BaseModel):
     confidence: float | None = Field(description="Mean confidence in the bin; null when empty.")
 
 
+class ConfidenceCalibration(BaseModel):
+    """The live window's calibration of one confidence (raw or returned)."""
+
+    accuracy: float | None
+    ece: float | None
+    ipr: float | None
+    ce: float | None
+    brier: float | None
+    auroc: float | None
+    bins: list[ReliabilityBinOut]
+
+
 class CalibrationResponse(BaseModel):
-    """Calibration over the last ``window`` scores with feedback; metrics are null when n = 0."""
+    """Calibration over the last ``window`` scores with feedback; metrics are null when n = 0.
+
+    The top-level metrics describe the returned confidence (as ``returned``); ``raw`` the
+    methods' own scores for the same answers, before any calibrator."""
 
     n: int = Field(description="Scores with feedback in the window.")
     window: int = Field(description="Window size (UFCAL_CALIBRATION_WINDOW).")
@@ -69,3 +84,5 @@ class CalibrationResponse(BaseModel):
     brier: float | None
     auroc: float | None = Field(description="Null also when all answers are right or all wrong.")
     bins: list[ReliabilityBinOut]
+    raw: ConfidenceCalibration = Field(description="The methods' raw scores.")
+    returned: ConfidenceCalibration = Field(description="The returned confidences.")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from service.api.common import (
@@ -19,12 +20,18 @@ from service.api.common import (
 )
 from service.api.feedback.protocol import (
     CalibrationResponse,
+    ConfidenceCalibration,
     FeedbackRequest,
     FeedbackResponse,
     ReliabilityBinOut,
 )
+from service.api.json_body import StrictJSONRoute
 from service.api.score.protocol import ScoreRequest, ScoreResponse
+from service.api.security import CHALLENGE, ApiKeys, bearer_token
+from service.config import Settings
+from service.recalibration import RecalibrationConfig, Recalibrator, source_id
 from service.store import (
+    CalibratorRecord,
     FeedbackExists,
     GoldIndexOutOfRange,
     LiveCalibration,
@@ -36,10 +43,14 @@ from service.store import (
 )
 
 log = logging.getLogger("ufcal.feedback")
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "No score with this id."},
+    403: {
+        "model": ErrorResponse,
+        "description": "UFCAL_FEEDBACK_KEYS is set and this API key is not one of them.",
+    },
     409: {"model": ErrorResponse, "description": "This id already has feedback."},
     422: {
         "model": ValidationErrorResponse,
@@ -57,8 +68,9 @@ FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
 # -- life cycle (called from the app's lifespan) ------------------------------------------
 
 
-async def open_store(state: AppState) -> None:
-    """Open the store (migrating its database) and publish the live calibration it holds.
+async def open_store(state: AppState, calibrators: Sequence[CalibratorRecord] = ()) -> None:
+    """Open the store (migrating its database), publish the live calibration it holds, and
+    start the calibrators (``calibrators``: those of UFCAL_CALIBRATORS files, imported once).
 
     Fails with ``StoreUnavailable`` naming the database host (never the password) when the
     database cannot be reached: the service does not start without its store."""
@@ -82,6 +94,20 @@ async def open_store(state: AppState) -> None:
     report = state.store.calibration()
     state.telemetry.set_live_calibration(report)
     state.telemetry.set_store_up(True)
+    state.telemetry.set_live_calibration(state.store.raw_calibration(), "raw")
+    state.recalibrator = Recalibrator(
+        state.store,
+        state.telemetry,
+        RecalibrationConfig(
+            online=settings.recalibrate == "online",
+            every=settings.recalibrate_every,
+            min_labels=settings.recalibrate_min_labels,
+            min_class=settings.recalibrate_min_class,
+            window=settings.calibration_window,
+            max_source_share=settings.recalibrate_max_source_share,
+        ),
+    )
+    await state.recalibrator.start(calibrators)
     log.info(
         "store open",
         extra={"fields": {"db": state.store.backend.where(), "window_n": report.n}},
@@ -89,7 +115,9 @@ async def open_store(state: AppState) -> None:
 
 
 async def close_store(state: AppState) -> None:
-    """Close the store (queued writes finish first)."""
+    """Close the store (queued writes and running refits finish first)."""
+    if state.recalibrator is not None:
+        await state.recalibrator.close()
     if state.store is not None:
         store, state.store = state.store, None
         await store.close()
@@ -126,6 +154,8 @@ async def record_score(
         created_at=time.time(),
         question=body.question,
         options=body.options,
+        raw_confidence=response.raw_confidence,
+        calibrator_version=None if response.calibrator is None else response.calibrator.version,
     )
     try:
         # An id the service made up cannot have feedback yet: /score need not wait for the
@@ -145,11 +175,8 @@ async def record_score(
 # -- endpoints ------------------------------------------------------------------------------
 
 
-def _calibration_out(report: LiveCalibration) -> CalibrationResponse:
-    return CalibrationResponse(
-        n=report.n,
-        window=report.window,
-        n_bins=report.n_bins,
+def _confidence_out(report: LiveCalibration) -> ConfidenceCalibration:
+    return ConfidenceCalibration(
         accuracy=report.accuracy,
         ece=report.ece,
         ipr=report.ipr,
@@ -169,6 +196,40 @@ def _calibration_out(report: LiveCalibration) -> CalibrationResponse:
     )
 
 
+def _calibration_out(report: LiveCalibration, raw: LiveCalibration) -> CalibrationResponse:
+    returned = _confidence_out(report)
+    return CalibrationResponse(
+        n=report.n,
+        window=report.window,
+        n_bins=report.n_bins,
+        **returned.model_dump(),
+        raw=_confidence_out(raw),
+        returned=returned,
+    )
+
+
+def _feedback_source(request: Request, settings: Settings) -> str | JSONResponse | None:
+    """Who sent a label: a hash of its API key when keys are in use (else None), or the
+    401/403 reply when UFCAL_FEEDBACK_KEYS does not include the key."""
+    token = bearer_token(request.scope)
+    allowed = settings.feedback_key_list()
+    if allowed:
+        if token is None:
+            return JSONResponse(
+                {"detail": "missing API key: send Authorization: Bearer <key>"},
+                status_code=401,
+                headers=CHALLENGE,
+            )
+        if not ApiKeys(allowed).accepts(token):
+            return JSONResponse(
+                {"detail": "this API key may not send feedback (UFCAL_FEEDBACK_KEYS)"},
+                status_code=403,
+            )
+    if token is None or not (settings.api_key_list() or allowed):
+        return None
+    return source_id(token)
+
+
 @router.post(
     "/feedback",
     status_code=201,
@@ -176,13 +237,18 @@ def _calibration_out(report: LiveCalibration) -> CalibrationResponse:
     responses=FEEDBACK_RESPONSES,
 )
 async def post_feedback(
-    body: FeedbackRequest, state: Annotated[AppState, Depends(app_state)]
+    body: FeedbackRequest, request: Request, state: Annotated[AppState, Depends(app_state)]
 ) -> FeedbackResponse | JSONResponse:
     """Record whether an earlier answer was right; on disk (or committed by PostgreSQL)
     before the reply."""
     store = _store(state)
+    source = _feedback_source(request, state.settings)
+    if isinstance(source, JSONResponse):
+        return source
     try:
-        record = await store.add_feedback(body.id, correct=body.correct, gold_index=body.gold_index)
+        record = await store.add_feedback(
+            body.id, correct=body.correct, gold_index=body.gold_index, source=source
+        )
     except UnknownScore as exc:
         return JSONResponse({"detail": str(exc)}, status_code=404)
     except FeedbackExists as exc:
@@ -200,6 +266,9 @@ async def post_feedback(
     report = store.calibration()
     state.telemetry.observe_feedback(record.correct)
     state.telemetry.set_live_calibration(report)
+    state.telemetry.set_live_calibration(store.raw_calibration(), "raw")
+    if state.recalibrator is not None:
+        state.recalibrator.on_feedback(record)
     log.info(
         "feedback",
         extra={
@@ -229,5 +298,7 @@ async def post_feedback(
     responses={503: {"model": ErrorResponse, "description": "The store is not open."}},
 )
 async def get_calibration(state: Annotated[AppState, Depends(app_state)]) -> CalibrationResponse:
-    """Live calibration over the last scores with feedback, with the reliability bins."""
-    return _calibration_out(_store(state).calibration())
+    """Live calibration over the last scores with feedback, with the reliability bins, for
+    the returned confidence (top level and ``returned``) and the raw scores (``raw``)."""
+    store = _store(state)
+    return _calibration_out(store.calibration(), store.raw_calibration())

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
 
 from service.calibration.prompts import MAX_OPTIONS
 
@@ -32,6 +33,28 @@ class ScoreRequest(BaseModel):
         max_length=MAX_OPTIONS,
         description="Option texts in order; they are labelled A, B, C, ...",
     )
+
+    @field_validator("options")
+    @classmethod
+    def _distinct_options(cls, options: list[str]) -> list[str]:
+        """Options identical after trimming whitespace cannot be told apart by the model
+        (the answer's index would be arbitrary): refuse them, naming their indexes."""
+        first: dict[str, int] = {}
+        groups: dict[int, list[int]] = {}
+        for i, text in enumerate(options):  # already stripped by NonEmptyText
+            j = first.setdefault(text, i)
+            if j != i:
+                groups.setdefault(j, [j]).append(i)
+        if groups:
+            indexes = list(groups.values())
+            shown = "; ".join(", ".join(str(i) for i in g) for g in indexes)
+            raise PydanticCustomError(
+                "duplicate_options",
+                "options {shown} are identical after trimming whitespace",
+                {"shown": shown, "indexes": indexes},
+            )
+        return options
+
     method: Literal["uf", "fidelity", "sampled", "token", "verbalized", "linguistic"] = Field(
         default="uf",
         description="uf: (1 - Uncertainty) x Fidelity; fidelity: the ablation without the "
@@ -84,12 +107,31 @@ class UsageOut(BaseModel):
     completion_tokens: int
 
 
+class CalibratorOut(BaseModel):
+    """The calibrator that mapped the raw score to the returned confidence."""
+
+    version: int = Field(description="Its version for this (model, method, mode).")
+    kind: Literal["platt", "beta", "isotonic"]
+    labels: int = Field(description="Labels it was fitted on.")
+
+
 class ScoreResponse(BaseModel):
     """The answer, its calibrated confidence and every part behind it."""
 
     id: str
     answer: AnswerOut
-    confidence: float = Field(ge=0, le=1, description="(1 - uncertainty) x fidelity[answer].")
+    confidence: float = Field(
+        ge=0,
+        le=1,
+        description="The confidence to trust: the active calibrator's P(correct) of the raw "
+        "score when one is active for this (model, method, mode), else the raw score.",
+    )
+    raw_confidence: float = Field(
+        ge=0, le=1, description="The method's own score, e.g. (1 - uncertainty) x fidelity."
+    )
+    calibrator: CalibratorOut | None = Field(
+        description="The calibrator applied to raw_confidence; null: none is active."
+    )
     uncertainty: float = Field(ge=0, le=1, description="Normalised entropy of the answers.")
     distribution: dict[str, float] = Field(description="P(option) by label.")
     fidelity: dict[str, float] = Field(description="F(option) by label.")

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from service.api.admission import DeadlineExceeded, Overloaded
 from service.api.common import ERROR_RESPONSES, AppState, app_state, error_response
 from service.api.feedback.serving import record_score
+from service.api.json_body import StrictJSONRoute
 from service.api.limits import check_score_limits, score_limit_issues
 from service.api.score.protocol import (
     AnswerOut,
@@ -23,17 +24,19 @@ from service.api.score.protocol import (
     BatchItemError,
     BatchScoreRequest,
     BatchScoreResponse,
+    CalibratorOut,
     ScoreRequest,
     ScoreResponse,
     UsageOut,
 )
 from service.calibration.prompts import Question
 from service.config import Settings
+from service.recalibration import Active
 from service.scoring import ScoreParams, ScoreResult, score
 from service.telemetry import score_log_fields
 
 log = logging.getLogger("ufcal.score")
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 def score_params(body: ScoreRequest, settings: Settings) -> ScoreParams:
@@ -49,9 +52,13 @@ def score_params(body: ScoreRequest, settings: Settings) -> ScoreParams:
     )
 
 
-def to_response(result: ScoreResult, request_id: str) -> ScoreResponse:
-    """Shape a scoring result into the wire format (options by label)."""
+def to_response(
+    result: ScoreResult, request_id: str, applied: tuple[float, Active | None] | None = None
+) -> ScoreResponse:
+    """Shape a scoring result into the wire format (options by label); ``applied`` is the
+    returned confidence and the calibrator behind it (default: the raw score, none)."""
     labels = result.question.labels
+    confidence, active = applied if applied is not None else (result.confidence, None)
     return ScoreResponse(
         id=request_id,
         answer=AnswerOut(
@@ -59,7 +66,15 @@ def to_response(result: ScoreResult, request_id: str) -> ScoreResponse:
             label=labels[result.answer],
             text=result.question.options[result.answer],
         ),
-        confidence=result.confidence,
+        confidence=confidence,
+        raw_confidence=result.confidence,
+        calibrator=None
+        if active is None
+        else CalibratorOut(
+            version=active.version,
+            kind=active.calibrator.kind,
+            labels=active.record.labels,
+        ),
         uncertainty=result.uncertainty,
         distribution=dict(zip(labels, result.distribution, strict=True)),
         fidelity=dict(zip(labels, result.fidelity, strict=True)),
@@ -110,7 +125,12 @@ async def score_request(state: AppState, body: ScoreRequest) -> ScoreResponse | 
                 },
             )
             return reply
-    response = to_response(result, request_id)
+    applied = (
+        state.recalibrator.apply((result.model, result.method, result.mode), result.confidence)
+        if state.recalibrator is not None
+        else None
+    )
+    response = to_response(result, request_id, applied)
     if (conflict := await record_score(state, body, response)) is not None:
         return conflict  # 409: this id already has feedback
     usage = result.usage
@@ -121,7 +141,7 @@ async def score_request(state: AppState, body: ScoreRequest) -> ScoreResponse | 
         result.latency_s,
         usage.engine_calls,
         usage.prompts,
-        result.confidence,
+        response.confidence,
         result.uncertainty,
         usage.unparsed,
     )
@@ -135,7 +155,7 @@ async def score_request(state: AppState, body: ScoreRequest) -> ScoreResponse | 
                     method=result.method,
                     mode=result.mode,
                     answer=response.answer.label,
-                    confidence=result.confidence,
+                    confidence=response.confidence,
                     uncertainty=result.uncertainty,
                     engine_calls=usage.engine_calls,
                     latency_ms=response.latency_ms,
@@ -176,6 +196,11 @@ def _batch_item(index: int, outcome: ScoreResponse | JSONResponse) -> BatchItem:
     if isinstance(outcome, ScoreResponse):
         return BatchItem(index=index, result=outcome)
     detail = json.loads(bytes(outcome.body)).get("detail", "")
+    if isinstance(detail, list):  # validation issues: "loc: msg; ..."
+        detail = "; ".join(
+            ".".join(str(p) for p in issue.get("loc", [])[1:]) + ": " + str(issue.get("msg", ""))
+            for issue in detail
+        )
     return BatchItem(
         index=index, error=BatchItemError(status=outcome.status_code, detail=str(detail))
     )

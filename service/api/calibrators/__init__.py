@@ -1,0 +1,1 @@
+"""``GET /calibrators``: the calibrator versions."""

@@ -1,0 +1,1 @@
+"""``GET /scores``: the most recent scores and their feedback."""
