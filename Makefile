@@ -43,17 +43,20 @@ integration: model
 	$(BIN)/python -m pytest -m integration -q
 
 # promtool and docker-compose check the deployment files; chromium and chromium-driver run
-# the web page's browser tests (Debian packages; root installs them); checkov scans deploy/,
-# the Dockerfile and docker-compose.yml.
+# the web page's browser tests; PostgreSQL serves the store's tests and the replica tests
+# (Debian packages; root installs them); checkov scans deploy/, the Dockerfile and
+# docker-compose.yml.
 tools: $(CHECKOV)
 	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null \
-	    || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	    || ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null \
+	    || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends prometheus docker-compose chromium chromium-driver >/dev/null; \
+	      --no-install-recommends prometheus docker-compose chromium chromium-driver \
+	      postgresql >/dev/null; \
 	  else \
-	    echo "warning: install promtool (prometheus), docker-compose, chromium and" \
-	      "chromium-driver for the deploy checks and the browser tests" >&2; \
+	    echo "warning: install promtool (prometheus), docker-compose, chromium," \
+	      "chromium-driver and postgresql for the deploy, browser and store tests" >&2; \
 	  fi; \
 	fi
 

@@ -238,6 +238,12 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_command(args, settings)
 
 
+def _db(args: argparse.Namespace) -> int:
+    from service.store.migrate import db_command
+
+    return db_command(args, load_settings())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ufcal`` command line."""
     parser = OneLineParser(prog="ufcal", description=__doc__)
@@ -287,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--samples", type=at_least(1), default=10, help="K for c and d")
     bench.add_argument("--out", default="reports/bench.json", help="JSON report path")
     bench.add_argument("--overhead-requests", type=at_least(1), default=2000)
+    bench.add_argument(
+        "--overhead-db-url", default=None, help="also measure the overhead on this database"
+    )
     bench.add_argument("--no-overhead", action="store_true", help="skip the service overhead")
     bench.add_argument("--no-engine", action="store_true", help="only the service overhead")
     bench.add_argument(
@@ -296,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--sweep-n", type=int, default=16, help="questions per option count")
     bench.set_defaults(func=_bench)
+
+    db = sub.add_parser("db", help="the score database: `ufcal db upgrade` runs its migrations")
+    db.add_argument("action", choices=["upgrade"], help="upgrade: migrate to the newest schema")
+    db.set_defaults(func=_db)
 
     metrics = sub.add_parser("metrics", help="calibration metrics of a scored JSONL file")
     metrics.add_argument("file", help="JSONL with 'confidence' and 'correct' per line")

@@ -114,8 +114,37 @@ class Settings(BaseSettings):
     )
 
     # Scores, feedback and live calibration
+    db_url: SecretStr | None = Field(
+        default=None,
+        description="Database of scores and feedback: sqlite:///path or "
+        "postgresql://user:password@host:port/db (shared by replicas); empty = UFCAL_DB_PATH.",
+    )
     db_path: Path = Field(
-        default=Path("./ufcal.db"), description="SQLite file of scores and feedback."
+        default=Path("./ufcal.db"),
+        description="SQLite file of scores and feedback, when UFCAL_DB_URL is empty.",
+    )
+    db_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Database connect/statement timeout; /feedback answers 503 beyond it.",
+    )
+    db_pool_size: int = Field(
+        default=8,
+        ge=1,
+        description="PostgreSQL connections per replica (keep replicas x this under the "
+        "server's max_connections, 100 by default).",
+    )
+    db_score_buffer: int = Field(
+        default=10_000,
+        ge=1,
+        description="Scores held in memory while the database is unreachable; beyond it "
+        "they are dropped and counted (ufcal_store_scores_dropped_total).",
+    )
+    live_refresh_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="With PostgreSQL: how often a replica re-reads the live window, so all "
+        "replicas answer /calibration the same within this interval.",
     )
     calibration_window: int = Field(
         default=1000, ge=1, description="Live calibration: the last N scores with feedback."
@@ -215,6 +244,12 @@ class Settings(BaseSettings):
         description="SIGTERM: how long in-flight requests may finish (keep it above "
         "UFCAL_REQUEST_TIMEOUT_S and below the orchestrator's kill timeout, 30 s).",
     )
+
+    def database(self) -> str | Path:
+        """UFCAL_DB_URL, or else the SQLite file UFCAL_DB_PATH."""
+        if self.db_url is not None and self.db_url.get_secret_value().strip():
+            return self.db_url.get_secret_value().strip()
+        return self.db_path
 
     def api_key_list(self) -> list[str]:
         """The configured API keys (empty: authentication is off)."""

@@ -252,6 +252,17 @@ class Telemetry:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=r,
         )
+        self.store_up = Gauge(
+            "ufcal_store_up", "1 if the last database operation succeeded, else 0.", registry=r
+        )
+        self.store_score_queue = Gauge(
+            "ufcal_store_score_queue", "Scores waiting to be written to the database.", registry=r
+        )
+        self.store_scores_dropped = Counter(
+            "ufcal_store_scores_dropped",
+            "Scores dropped because the database was unreachable and the queue was full.",
+            registry=r,
+        )
         self.engine_up.set(0)
 
     # -- scoring ---------------------------------------------------------------------------
@@ -369,6 +380,20 @@ class Telemetry:
         """Count one refit and its wall time."""
         self.recalibrations.labels(outcome).inc()
         self.recalibration_duration.observe(duration_s)
+
+    # -- the store -------------------------------------------------------------------------
+
+    def set_store_up(self, up: bool) -> None:
+        """Set ``ufcal_store_up`` to 1 or 0."""
+        self.store_up.set(1 if up else 0)
+
+    def set_score_queue(self, n: int) -> None:
+        """Scores waiting for the database."""
+        self.store_score_queue.set(n)
+
+    def observe_scores_dropped(self, n: int) -> None:
+        """Count scores dropped while the database was unreachable."""
+        self.store_scores_dropped.inc(n)
 
     # -- exposition ------------------------------------------------------------------------
 

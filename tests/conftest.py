@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.postgres import PostgresServer, postgres_server
+from tests.postgres import available as postgres_available
 from tests.servers import SHARED_DATA, ServerProcess, running, ufcal_server, vllm_server
 
-START_TIMEOUT_S = 300.0
+# Raise it on a machine shared with other heavy jobs (vLLM's CPU start-up takes minutes there).
+START_TIMEOUT_S = float(os.environ.get("UFCAL_TEST_START_TIMEOUT_S", "300"))
 # The integration servers check correctness, not latency: a deadline that a loaded 2-core CI
 # machine cannot miss (the deadline itself is tested in test_overload / test_engine_kill).
 CORRECTNESS_ENV = {"UFCAL_REQUEST_TIMEOUT_S": "600"}
@@ -30,6 +34,34 @@ def _isolated_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ.pop("UFCAL_DB_PATH", None)
     else:
         os.environ["UFCAL_DB_PATH"] = saved
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL (Debian's package, started as the postgres user) for the session."""
+    if not postgres_available():
+        msg = "PostgreSQL is not installed (make tools installs Debian's postgresql)"
+        if os.environ.get("UFCAL_REQUIRE_DEPLOY_TOOLS", "") not in ("", "0"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def new_db(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], str]:
+    """Makes empty databases of one backend: a SQLite file path, or a PostgreSQL URL."""
+    if request.param == "sqlite":
+        numbers = itertools.count()
+        return lambda: str(tmp_path / f"store{next(numbers)}.db")
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.new_database
+
+
+@pytest.fixture
+def db(new_db: Callable[[], str]) -> str:
+    """One empty database of each backend (the store's tests run on both)."""
+    return new_db()
 
 
 @pytest.fixture(scope="session")

@@ -824,6 +824,30 @@ def test_compose_profiles(compose_cmd: list[str]) -> None:
         assert "ufcal" in svc["networks"]["default"]["aliases"]
 
 
+def test_compose_replicas_share_postgres_behind_nginx(compose_cmd: list[str]) -> None:
+    """Both profiles' ufcal use the postgres service (official image, a volume, a
+    healthcheck) and publish no host port, so --scale works; lb (nginx) owns the port."""
+    services = _compose_config(compose_cmd, "gpu", "cpu")["services"]
+    pg = services["postgres"]
+    assert "profiles" not in pg and pg["image"].startswith("postgres:")
+    targets = [v["target"] if isinstance(v, dict) else str(v).split(":")[1] for v in pg["volumes"]]
+    assert any(t.startswith("/var/lib/postgresql") for t in targets)
+    assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
+    for name in ("ufcal", "ufcal-cpu"):
+        svc = services[name]
+        assert svc["environment"]["UFCAL_DB_URL"].startswith("postgresql://")
+        assert "@postgres:5432/" in svc["environment"]["UFCAL_DB_URL"]
+        assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert not svc.get("ports"), f"{name} must not bind a host port (--scale)"
+        assert not svc.get("volumes"), f"{name} keeps no local store"
+    lb = services["lb"]
+    assert "profiles" not in lb and lb["image"].startswith("nginx:")
+    port = lb["ports"][0]
+    assert (port["target"] if isinstance(port, dict) else int(str(port).split(":")[-1])) == 8000
+    conf = (ROOT / "deploy" / "nginx" / "ufcal.conf").read_text()
+    assert "resolver 127.0.0.11" in conf and "http://ufcal:8000" in conf
+
+
 def test_compose_requires_a_grafana_password(compose_cmd: list[str]) -> None:
     proc = _run([*compose_cmd, "-f", str(COMPOSE), "config"], env=_compose_env())
     assert proc.returncode != 0
@@ -957,6 +981,18 @@ def test_k8s_wiring() -> None:
     assert {"configMapRef": {"name": "ufcal-config"}} in ufcal["envFrom"]
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+
+    # The store: UFCAL_DB_URL from a Secret, nothing kept on the pod.
+    env = {e["name"]: e for e in ufcal.get("env", [])}
+    assert env["UFCAL_DB_URL"]["valueFrom"]["secretKeyRef"] == {"name": "ufcal-db", "key": "url"}
+    mounts = {m["mountPath"] for m in ufcal.get("volumeMounts", [])}
+    assert "/data" not in mounts and "UFCAL_DB_PATH" not in env, "no store on the pod"
+    assert "UFCAL_DB_PATH" not in config and "UFCAL_DB_URL" not in config
+    pg = by_kind[("StatefulSet", "postgres")]["spec"]
+    assert pg["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+    pg_env = {e["name"]: e for e in pg["template"]["spec"]["containers"][0]["env"]}
+    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "ufcal-db"
+    assert ("Service", "postgres") in by_kind
 
     hpa = by_kind[("HorizontalPodAutoscaler", "ufcal")]["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "ufcal"}

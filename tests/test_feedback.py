@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.calibration.metrics import calibration_report
 from service.config import Settings
-from service.store import ScoreConflict, ScoreRecord, Store, live_calibration
+from service.store import ScoreConflict, ScoreRecord, Store, StoreUnavailable, live_calibration
+from service.store.backends import backend_for
 from service.telemetry import bin_label
 from tests.fake_app import build_app
 
@@ -40,8 +41,23 @@ DATA = [
 ]
 
 
-def _settings(db: Path, **kwargs: Any) -> Settings:
-    return Settings(_env_file=None, db_path=db, **kwargs)  # type: ignore[call-arg]
+def _settings(db: str | Path, **kwargs: Any) -> Settings:
+    """Settings on ``db``: a SQLite path or a database URL."""
+    if isinstance(db, str) and "://" in db:
+        kwargs["db_url"] = db
+    else:
+        kwargs["db_path"] = Path(db)
+    return Settings(_env_file=None, **kwargs)  # type: ignore[call-arg]
+
+
+async def fetch(db: str, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` on the store's database, whichever backend."""
+    engine = backend_for(db).create_engine()
+    try:
+        async with engine.connect() as conn:
+            return [tuple(row) for row in (await conn.exec_driver_sql(sql)).all()]
+    finally:
+        await engine.dispose()
 
 
 @contextlib.asynccontextmanager
@@ -102,8 +118,8 @@ def assert_matches_report(body: dict[str, Any], confs: list[float], corr: list[b
 # ---------------------------------------------------------------- /feedback
 
 
-async def test_feedback_correct_and_gold_index(tmp_path: Path) -> None:
-    async with serve(_settings(tmp_path / "u.db")) as client:
+async def test_feedback_correct_and_gold_index(db: str) -> None:
+    async with serve(_settings(db)) as client:
         a = await score(client, "a", 0.9)
         b = await score(client, "b", 0.8)
         c = await score(client, "c", 0.7)
@@ -133,16 +149,16 @@ async def test_feedback_correct_and_gold_index(tmp_path: Path) -> None:
     assert metrics[("ufcal_feedback_total", frozenset({("outcome", "wrong")}))] == 1.0
 
 
-async def test_unknown_id_is_404(tmp_path: Path) -> None:
-    async with serve(_settings(tmp_path / "u.db")) as client:
+async def test_unknown_id_is_404(db: str) -> None:
+    async with serve(_settings(db)) as client:
         r = await client.post("/feedback", json={"id": "never-scored", "correct": True})
         assert r.status_code == 404
         assert "never-scored" in r.json()["detail"]
         assert (await client.get("/calibration")).json()["n"] == 0
 
 
-async def test_second_feedback_is_409_and_keeps_the_first(tmp_path: Path) -> None:
-    async with serve(_settings(tmp_path / "u.db")) as client:
+async def test_second_feedback_is_409_and_keeps_the_first(db: str) -> None:
+    async with serve(_settings(db)) as client:
         await score(client, "x", 0.9)
         assert (
             await client.post("/feedback", json={"id": "x", "correct": True})
@@ -196,8 +212,8 @@ async def test_exactly_one_of_correct_and_gold_index(tmp_path: Path, body: dict[
     assert "exactly one of 'correct' and 'gold_index'" in json.dumps(r.json())
 
 
-async def test_gold_index_range_follows_the_question(tmp_path: Path) -> None:
-    async with serve(_settings(tmp_path / "u.db")) as client:
+async def test_gold_index_range_follows_the_question(db: str) -> None:
+    async with serve(_settings(db)) as client:
         await score(client, "two", 0.9, n=2)
         await score(client, "six", 0.9, n=6)
         r = await client.post("/feedback", json={"id": "two", "gold_index": 2})
@@ -212,8 +228,8 @@ async def test_gold_index_range_follows_the_question(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- /calibration
 
 
-async def test_calibration_empty_is_nulls(tmp_path: Path) -> None:
-    async with serve(_settings(tmp_path / "u.db", calibration_bins=5)) as client:
+async def test_calibration_empty_is_nulls(db: str) -> None:
+    async with serve(_settings(db, calibration_bins=5)) as client:
         r = await client.get("/calibration")
         metrics = gauges((await client.get("/metrics")).text)
     assert r.status_code == 200
@@ -225,9 +241,9 @@ async def test_calibration_empty_is_nulls(tmp_path: Path) -> None:
     assert metrics[("ufcal_live_window_size", RETURNED)] == 0.0
 
 
-async def test_calibration_equals_calibration_report(tmp_path: Path) -> None:
+async def test_calibration_equals_calibration_report(db: str) -> None:
     confs, corr = [], []
-    async with serve(_settings(tmp_path / "u.db")) as client:
+    async with serve(_settings(db)) as client:
         for i, (p, right) in enumerate(DATA):
             body = await score(client, f"q{i}", p)
             confs.append(body["confidence"])
@@ -253,8 +269,8 @@ async def test_calibration_equals_calibration_report(tmp_path: Path) -> None:
             assert ("ufcal_live_bin_accuracy", label) not in metrics
 
 
-async def test_window_keeps_the_last_feedbacks(tmp_path: Path) -> None:
-    settings = _settings(tmp_path / "u.db", calibration_window=4)
+async def test_window_keeps_the_last_feedbacks(db: str) -> None:
+    settings = _settings(db, calibration_window=4)
     confs, corr = [], []
     async with serve(settings) as client:
         for i, (p, right) in enumerate(DATA[:7]):
@@ -275,8 +291,8 @@ async def test_window_keeps_the_last_feedbacks(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- re-used ids, restarts
 
 
-async def test_rescoring_an_id_replaces_it_until_it_has_feedback(tmp_path: Path) -> None:
-    async with serve(_settings(tmp_path / "u.db")) as client:
+async def test_rescoring_an_id_replaces_it_until_it_has_feedback(db: str) -> None:
+    async with serve(_settings(db)) as client:
         first = await score(client, "same", 0.9)
         second = await score(client, "same", 0.1)  # no feedback yet: replaces the first
         assert first["answer"]["index"] == 0 and second["answer"]["index"] == 1
@@ -303,8 +319,7 @@ async def test_rescoring_an_id_replaces_it_until_it_has_feedback(tmp_path: Path)
     assert statuses == {"200": 2.0, "409": 1.0}
 
 
-async def test_feedback_survives_a_restart(tmp_path: Path) -> None:
-    db = tmp_path / "u.db"
+async def test_feedback_survives_a_restart(db: str) -> None:
     confs = []
     async with serve(_settings(db)) as client:
         for i, (p, right) in enumerate(DATA[:6]):
@@ -326,16 +341,16 @@ async def test_feedback_survives_a_restart(tmp_path: Path) -> None:
     assert metrics[("ufcal_live_window_size", RETURNED)] == 6
 
 
-async def test_question_text_is_stored_only_with_log_text(tmp_path: Path) -> None:
+async def test_question_text_is_stored_only_with_log_text(new_db: Callable[[], str]) -> None:
     for log_text in (False, True):
-        db = tmp_path / f"text-{log_text}.db"
+        db = new_db()
         async with serve(_settings(db, log_text=log_text)) as client:
             await score(client, "t", 0.9)
-        with contextlib.closing(sqlite3.connect(db)) as conn:
-            row = conn.execute(
-                "SELECT model, method, mode, answer_index, confidence, uncertainty, n_options, "
-                "question, options, created_at FROM scores WHERE id = 't'"
-            ).fetchone()
+        (row,) = await fetch(
+            db,
+            "SELECT model, method, mode, answer_index, confidence, uncertainty, n_options, "
+            "question, options, created_at FROM scores WHERE id = 't'",
+        )
         assert row[:4] == ("fake-model", "uf", "logprobs", 0)
         assert 0 < row[4] < 1 and 0 < row[5] < 1 and row[6] == 4 and row[9] > 0
         if log_text:
@@ -345,8 +360,8 @@ async def test_question_text_is_stored_only_with_log_text(tmp_path: Path) -> Non
             assert row[7] is None and row[8] is None
 
 
-async def test_concurrent_scores_and_feedback(tmp_path: Path) -> None:
-    async with serve(_settings(tmp_path / "u.db")) as client:
+async def test_concurrent_scores_and_feedback(db: str) -> None:
+    async with serve(_settings(db)) as client:
         scored = await asyncio.gather(*(score(client, f"c{i}", 0.5 + i / 100) for i in range(40)))
         replies = await asyncio.gather(
             *(
@@ -366,8 +381,8 @@ async def test_concurrent_scores_and_feedback(tmp_path: Path) -> None:
     assert_matches_report(cal, [s["confidence"] for s in scored], [i % 3 == 0 for i in range(40)])
 
 
-async def test_openapi_documents_feedback_and_calibration(tmp_path: Path) -> None:
-    async with serve(_settings(tmp_path / "u.db")) as client:
+async def test_openapi_documents_feedback_and_calibration(db: str) -> None:
+    async with serve(_settings(db)) as client:
         spec = (await client.get("/openapi.json")).json()
     assert {"/feedback", "/calibration"} <= set(spec["paths"])
     post = spec["paths"]["/feedback"]["post"]
@@ -387,8 +402,10 @@ async def test_store_is_wal_and_refuses_work_after_close(tmp_path: Path) -> None
     await store.close()
     with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(StoreUnavailable, match="closed"):
         await store.add_feedback("x", correct=True)
+    with pytest.raises(StoreUnavailable, match="closed"):
+        await store.save_score(_score("x"))
 
 
 async def test_store_open_fails_loudly_on_a_bad_path(tmp_path: Path) -> None:
@@ -412,50 +429,50 @@ def test_live_calibration_empty_and_full() -> None:
     assert full.ece == want.ece and full.bins == want.bins and full.auroc == want.auroc
 
 
-async def test_feedback_commits_fsync_and_scores_do_not(tmp_path: Path) -> None:
-    """synchronous=FULL (WAL fsynced at commit) for batches with feedback, NORMAL otherwise."""
-    seen: list[tuple[int, list[bool]]] = []
+async def test_feedback_commits_wait_for_the_disk_and_scores_do_not(db: str) -> None:
+    """SQLite: synchronous=FULL (WAL fsynced at commit) for feedback, NORMAL for scores;
+    PostgreSQL: synchronous_commit on for feedback, off for scores."""
+    store = await Store.open(db)
+    show = "PRAGMA synchronous" if store.backend.name == "sqlite" else "SHOW synchronous_commit"
+    seen: list[tuple[str, str]] = []
+    for kind in ("scores", "feedback"):
+        original = getattr(store.backend, f"prepare_{kind}")
 
-    class SpyStore(Store):
-        def _run_batch(self, conn: sqlite3.Connection, jobs: list[Any]) -> None:
-            level = conn.execute("PRAGMA synchronous").fetchone()[0]
-            seen.append((level, [j.durable for j in jobs]))
-            super()._run_batch(conn, jobs)
+        async def spy(conn: Any, original: Any = original, kind: str = kind) -> None:
+            await original(conn)
+            seen.append((kind, str((await conn.exec_driver_sql(show)).scalar())))
 
-    store = await SpyStore.open(tmp_path / "s.db")
+        setattr(store.backend, f"prepare_{kind}", spy)
     try:
-        record = ScoreRecord("a", "m", "uf", "logprobs", 0, 0.7, 0.3, 4, 0.0)
-        await store.save_score(record)
+        await store.save_score(ScoreRecord("a", "m", "uf", "logprobs", 0, 0.7, 0.3, 4, 0.0))
         await store.add_feedback("a", correct=True)
         await store.save_score(ScoreRecord("b", "m", "uf", "logprobs", 1, 0.4, 0.6, 4, 0.0))
     finally:
         await store.close()
-    full, normal = 2, 1
-    assert seen == [(normal, [False]), (full, [True]), (normal, [False])]
+    lazy, durable = ("1", "2") if store.backend.name == "sqlite" else ("off", "on")
+    assert seen == [("scores", lazy), ("feedback", durable), ("scores", lazy)]
 
 
 def _score(score_id: str, confidence: float = 0.5) -> ScoreRecord:
     return ScoreRecord(score_id, "m", "uf", "logprobs", 0, confidence, 0.5, 4, 0.0)
 
 
-async def test_scores_saved_together_are_one_writer_job_and_conflicts_stay_per_score(
-    tmp_path: Path,
-) -> None:
-    """Scores saved in one loop turn reach the writer as one job; an id that already has
+async def test_scores_saved_together_are_one_batch_and_conflicts_stay_per_score(db: str) -> None:
+    """Scores saved in one loop turn are written in one transaction; an id that already has
     feedback is refused alone, the others are stored (a repeated id: the last one wins)."""
-    jobs: list[int] = []
+    batches: list[int] = []
+    store = await Store.open(db)
+    original = store._write_scores
 
-    class SpyStore(Store):
-        def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
-            jobs.append(len(batch))
-            super()._run_batch(conn, batch)
+    async def spy(records: Any, **kwargs: Any) -> set[str]:
+        batches.append(len(records))
+        return await original(records, **kwargs)
 
-    path = tmp_path / "s.db"
-    store = await SpyStore.open(path)
+    store._write_scores = spy  # type: ignore[method-assign]
     try:
         await store.save_score(_score("judged"))
         await store.add_feedback("judged", correct=True)
-        jobs.clear()
+        batches.clear()
         outcomes = await asyncio.gather(
             *(store.save_score(_score(f"q{i}")) for i in range(50)),
             store.save_score(_score("judged", 0.9)),
@@ -464,20 +481,17 @@ async def test_scores_saved_together_are_one_writer_job_and_conflicts_stay_per_s
         )
     finally:
         await store.close()
-    assert jobs == [1]
+    assert batches == [52]
     assert outcomes[:50] == [None] * 50 and outcomes[51] is None
     assert isinstance(outcomes[50], ScoreConflict)
-    with sqlite3.connect(path) as conn:
-        rows = dict(conn.execute("SELECT id, confidence FROM scores").fetchall())
+    rows = dict(await fetch(db, "SELECT id, confidence FROM scores"))
     assert len(rows) == 51 and rows["judged"] == 0.5 and rows["q7"] == 0.25
 
 
-async def test_scores_pending_at_close_are_written(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    store = await Store.open(path)
+async def test_scores_pending_at_close_are_written(db: str) -> None:
+    store = await Store.open(db)
     saving = [asyncio.ensure_future(store.save_score(_score(f"q{i}"))) for i in range(5)]
-    await asyncio.sleep(0)  # the saves are queued, not yet handed to the writer
+    await asyncio.sleep(0)  # the saves are queued, not yet written
     await store.close()
     assert [s.result() for s in saving] == [None] * 5
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM scores").fetchone()[0] == 5
+    assert await fetch(db, "SELECT COUNT(*) FROM scores") == [(5,)]

@@ -93,6 +93,11 @@ def bench_command(args: argparse.Namespace, settings: Settings) -> int:
 
         print("service overhead ...", file=sys.stderr, flush=True)
         report["overhead"] = measure_overhead(requests=args.overhead_requests)
+        if args.overhead_db_url:  # the same load with the store on another database
+            print("service overhead on --overhead-db-url ...", file=sys.stderr, flush=True)
+            report["overhead"] += measure_overhead(
+                requests=args.overhead_requests, db_url=args.overhead_db_url
+            )
     report["wall_s"] = round(time.perf_counter() - started, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -318,13 +318,14 @@ def format_table(report: dict[str, Any]) -> str:
         lines += [
             "",
             "service overhead (/score over real uvicorn, instant in-process engine):",
-            "| concurrency | requests | req/s | p50 ms | p99 ms | errors |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| store | concurrency | requests | req/s | p50 ms | p99 ms | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for row in overhead:
             lines.append(
-                f"| {row['concurrency']} | {row['requests']} | {row['requests_per_s']:.0f} "
-                f"| {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} |"
+                f"| {row.get('store', 'sqlite')} | {row['concurrency']} | {row['requests']} "
+                f"| {row['requests_per_s']:.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
+                f"| {row['errors']} |"
             )
     return "\n".join(lines)
 

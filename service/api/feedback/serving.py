@@ -4,7 +4,6 @@ successful score: validate, call the store, publish the live calibration, shape 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any
@@ -39,6 +38,7 @@ from service.store import (
     ScoreConflict,
     ScoreRecord,
     Store,
+    StoreUnavailable,
     UnknownScore,
 )
 
@@ -57,7 +57,11 @@ FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "Invalid input, not exactly one of correct / gold_index, or gold_index "
         "out of range for the scored question (loc names the field).",
     },
-    503: {"model": ErrorResponse, "description": "The store is not open."},
+    503: {
+        "model": ErrorResponse,
+        "description": "The database is unreachable or the store is not open; nothing was "
+        "recorded (retry after Retry-After seconds).",
+    },
 }
 
 
@@ -65,17 +69,31 @@ FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 async def open_store(state: AppState, calibrators: Sequence[CalibratorRecord] = ()) -> None:
-    """Open the SQLite store, publish the live calibration it holds, and start the
-    calibrators (``calibrators``: those of UFCAL_CALIBRATORS files, imported once)."""
+    """Open the store (migrating its database), publish the live calibration it holds, and
+    start the calibrators (``calibrators``: those of UFCAL_CALIBRATORS files, imported once).
+
+    Fails with ``StoreUnavailable`` naming the database host (never the password) when the
+    database cannot be reached: the service does not start without its store."""
     settings = state.settings
-    state.store = await Store.open(
-        settings.db_path,
-        window=settings.calibration_window,
-        n_bins=settings.calibration_bins,
-        keep_text=settings.log_text,
-    )
+    database = settings.database()
+    try:
+        state.store = await Store.open(
+            database,
+            window=settings.calibration_window,
+            n_bins=settings.calibration_bins,
+            keep_text=settings.log_text,
+            refresh_s=settings.live_refresh_s,
+            score_buffer=settings.db_score_buffer,
+            timeout_s=settings.db_timeout_s,
+            pool_size=settings.db_pool_size,
+            observer=state.telemetry,
+        )
+    except StoreUnavailable as exc:
+        log.error("store not opened: %s", exc)
+        raise
     report = state.store.calibration()
     state.telemetry.set_live_calibration(report)
+    state.telemetry.set_store_up(True)
     state.telemetry.set_live_calibration(state.store.raw_calibration(), "raw")
     state.recalibrator = Recalibrator(
         state.store,
@@ -92,7 +110,7 @@ async def open_store(state: AppState, calibrators: Sequence[CalibratorRecord] = 
     await state.recalibrator.start(calibrators)
     log.info(
         "store open",
-        extra={"fields": {"db_path": str(settings.db_path), "window_n": report.n}},
+        extra={"fields": {"db": state.store.backend.where(), "window_n": report.n}},
     )
 
 
@@ -119,7 +137,8 @@ async def record_score(
 ) -> JSONResponse | None:
     """Save a successful score; a 409 reply if its id already has feedback, else ``None``.
 
-    A store failure is logged and does not fail the score (feedback for it will be 404).
+    While the database is unreachable the score waits in the store's queue (or is dropped
+    and counted when the queue is full); neither fails the score.
     """
     if state.store is None:
         return None
@@ -139,14 +158,16 @@ async def record_score(
         calibrator_version=None if response.calibrator is None else response.calibrator.version,
     )
     try:
-        await state.store.save_score(record)
+        # An id the service made up cannot have feedback yet: /score need not wait for the
+        # commit. A client's own id may be taken (409), so that /score waits for its batch.
+        await state.store.save_score(record, wait=body.id is not None)
     except ScoreConflict as exc:
         state.telemetry.observe_error(
             response.method, response.mode, 409, response.latency_ms / 1000.0
         )
         log.warning("score not saved", extra={"fields": {"id": response.id, "status": 409}})
         return JSONResponse({"detail": str(exc)}, status_code=409)
-    except (sqlite3.Error, RuntimeError) as exc:
+    except StoreUnavailable as exc:  # closing down
         log.error("score not saved: %s", exc, extra={"fields": {"id": response.id}})
     return None
 
@@ -218,7 +239,8 @@ def _feedback_source(request: Request, settings: Settings) -> str | JSONResponse
 async def post_feedback(
     body: FeedbackRequest, request: Request, state: Annotated[AppState, Depends(app_state)]
 ) -> FeedbackResponse | JSONResponse:
-    """Record whether an earlier answer was right; written to disk before the reply."""
+    """Record whether an earlier answer was right; on disk (or committed by PostgreSQL)
+    before the reply."""
     store = _store(state)
     source = _feedback_source(request, state.settings)
     if isinstance(source, JSONResponse):
@@ -234,10 +256,10 @@ async def post_feedback(
     except GoldIndexOutOfRange as exc:
         issue = {"loc": ["body", "gold_index"], "msg": str(exc), "type": "value_error"}
         return JSONResponse({"detail": [issue]}, status_code=422)
-    except (sqlite3.Error, RuntimeError) as exc:
+    except StoreUnavailable as exc:
         log.error("feedback not saved: %s", exc, extra={"fields": {"id": body.id}})
         return JSONResponse(
-            {"detail": "the feedback store failed; nothing was recorded"},
+            {"detail": "the feedback store is unavailable; nothing was recorded, retry later"},
             status_code=503,
             headers={"Retry-After": "5"},
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
@@ -18,7 +17,7 @@ from service.api.scores.protocol import (
     RecentScoresResponse,
 )
 from service.calibration.prompts import LETTERS
-from service.store import StoredScore
+from service.store import StoredScore, StoreUnavailable
 
 log = logging.getLogger("ufcal.scores")
 router = APIRouter()
@@ -67,7 +66,7 @@ async def recent_scores(
         raise ServiceUnavailable("the score store is not open")
     try:
         stored = await state.store.recent_scores(limit)
-    except (sqlite3.Error, RuntimeError) as exc:
+    except StoreUnavailable as exc:
         log.error("scores not read: %s", exc)
         return JSONResponse(
             {"detail": "the score store failed"}, status_code=503, headers={"Retry-After": "5"}

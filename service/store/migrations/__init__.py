@@ -1,0 +1,1 @@
+"""Alembic's environment and the store's schema versions (shipped inside the package)."""
