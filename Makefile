@@ -67,7 +67,7 @@ $(CHECKOV): pyproject.toml
 	touch $(CHECKOV)
 
 test: model lint tools
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=20
 
 clean:
 	rm -rf $(VENV) $(SCAN_VENV) .pytest_cache .mypy_cache .ruff_cache

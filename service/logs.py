@@ -43,6 +43,14 @@ VLLM_STREAM_ENV = "VLLM_LOGGING_STREAM"
 
 _MAIN_PROCESS = "MainProcess"
 
+#: multiprocessing's resource tracker is a bare interpreter (``python -c ...``) that no
+#: logging configuration reaches. At exit it warns, as plain text, about the shared memory
+#: and semaphores vLLM's engine processes leave when their shutdown is forced, and then
+#: removes them itself. Its command line carries this process's ``-W`` options (as do
+#: vLLM's spawned processes), so this filter is the one hook it offers. (``-W`` splits on
+#: ":", so the message prefix cannot include the colon that follows it.)
+TRACKER_EXIT_WARNING_FILTER = "ignore:resource_tracker:UserWarning:multiprocessing.resource_tracker"
+
 
 def utc_iso(epoch_s: float) -> str:
     """``epoch_s`` as ISO-8601 UTC with milliseconds, e.g. ``2026-11-28T06:40:50.599Z``."""
@@ -190,3 +198,6 @@ def configure_logging(level: str = "INFO", stream: Stream = "stdout") -> None:
     if not any(isinstance(f, ScoredAccessFilter) for f in access.filters):
         access.addFilter(ScoredAccessFilter())
     _point_vllm_here(level, stream)
+    if TRACKER_EXIT_WARNING_FILTER not in sys.warnoptions:
+        # Only the interpreters started from now on read it (this one parsed its own).
+        sys.warnoptions.append(TRACKER_EXIT_WARNING_FILTER)

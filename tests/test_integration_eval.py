@@ -78,8 +78,12 @@ def test_eval_every_method_on_real_arc_questions(vllm: ServerProcess, tmp_path: 
             by_id.setdefault(row["id"], set()).add(row["answer"])
     assert all(len(answers) == 1 for answers in by_id.values())
 
-    table = [line for line in done.stdout.splitlines() if line.startswith("| arc_challenge")]
+    # stdout: the metrics table first, then the cross-fitted recalibration table.
+    main_table, _, after = done.stdout.partition("Recalibrated (")
+    table = [line for line in main_table.splitlines() if line.startswith("| arc_challenge")]
     assert [line.split("|")[2].strip() for line in table] == list(METHODS)
+    recal = [line for line in after.splitlines() if line.startswith("| arc_challenge")]
+    assert {line.split("|")[2].strip() for line in recal} <= set(METHODS)
     report = (tmp_path / "results.md").read_text()
     assert "ufcal eval arc_challenge_test.jsonl" in report and "wall time" in report
     pngs = sorted((tmp_path / "figures").glob("*.png"))

@@ -25,17 +25,9 @@ pytestmark = pytest.mark.integration
 
 FIELDS = {"timestamp", "level", "logger", "message"}
 #: Lines no Python logging configuration reaches, as documented in the README's Logs section:
-#: torch's C++ warnings (c10 format ``[W1129 15:23:37.383 utils.cpp:68] Warning: ...``)...
+#: torch's C++ warnings (c10 format ``[W1129 15:23:37.383 utils.cpp:68] Warning: ...``).
 NATIVE = re.compile(r"^\[[WEIF]\d{4} \d\d:\d\d:\d\d\.\d+ .*\] ")
 MAX_NATIVE = 5
-#: ...and the exit warning of multiprocessing's resource tracker (a bare interpreter that
-#: multiprocessing starts, outside vLLM's hooks) about objects vLLM's processes left behind:
-#: two lines per kind (semaphore, shared_memory).
-TRACKER = (
-    re.compile(r"resource_tracker\.py:\d+: UserWarning: resource_tracker: There appear"),
-    re.compile(r"^\s+warnings\.warn\('resource_tracker: "),
-)
-MAX_TRACKER = 4
 
 
 def _split(text: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -58,11 +50,10 @@ def _split(text: str) -> tuple[list[dict[str, Any]], list[str]]:
 def _only_native(other: list[str]) -> None:
     """The lines that are not JSON are the documented few."""
     native = [line for line in other if NATIVE.search(line)]
-    tracker = [line for line in other if any(p.search(line) for p in TRACKER)]
-    unexpected = [line for line in other if line not in native and line not in tracker]
+    # Anything else, e.g. multiprocessing's resource tracker warning at exit, is Python's.
+    unexpected = [line for line in other if line not in native]
     assert unexpected == [], "\n".join(unexpected)
     assert len(native) <= MAX_NATIVE, "\n".join(native)
-    assert len(tracker) <= MAX_TRACKER, "\n".join(tracker)
 
 
 def test_every_python_line_of_a_serve_session_is_json(server_logs: Path) -> None:

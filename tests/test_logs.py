@@ -139,3 +139,44 @@ def test_engine_process_lines_name_their_process() -> None:
     assert out["process"] == "EngineCore" and out["pid"] == record.process
     record.msg = "two\nlines"
     assert "\n" not in JsonFormatter().format(record)
+
+
+LEAKING_CHILD = """
+import multiprocessing, os
+from multiprocessing import shared_memory
+
+from service.logs import configure_logging
+
+
+def leak():  # what a vLLM process whose shutdown was forced leaves behind
+    shared_memory.SharedMemory(create=True, size=64)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    configure_logging("INFO", "stderr")
+    process = multiprocessing.get_context("spawn").Process(target=leak)
+    process.start()
+    process.join()
+"""
+
+
+def test_the_resource_trackers_exit_warning_is_not_printed(tmp_path: Path) -> None:
+    """multiprocessing's resource tracker (a bare interpreter no logging hook reaches) gets
+    ufcal's warnings filter, so its plain-text leak warning at exit is not printed (the
+    tracker still removes what was leaked)."""
+    script = tmp_path / "leaking.py"
+    script.write_text(LEAKING_CHILD)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOGGING")}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env={**clean, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "resource_tracker" not in done.stderr, done.stderr
+    assert all(line.startswith("{") for line in done.stderr.splitlines()), done.stderr
