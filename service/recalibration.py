@@ -17,8 +17,12 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -245,6 +249,7 @@ class Recalibrator:
         self._labels: dict[CalibratorKey, int] = {}
         self._last_fit: dict[CalibratorKey, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._fitter: Executor | None = None
 
     # -- request path ----------------------------------------------------------------------
 
@@ -282,8 +287,26 @@ class Recalibrator:
             self._last_fit[v.key] = max(self._last_fit.get(v.key, 0), total)
         self._labels = await self.store.label_counts()
         await self.refresh()
-        if self.config.online:  # the first refit should not pay scikit-learn's import
-            self._spawn(asyncio.to_thread(_warm_up))
+        if self.config.online:  # the first refit should not pay the worker's start-up
+            self._spawn(asyncio.get_running_loop().run_in_executor(self._fit_worker(), _warm_up))
+
+    def _fit_worker(self) -> Executor:
+        """The process refits run in, started on first use.
+
+        A process of its own, not a thread: a fit never holds the event loop's GIL (in a
+        thread, scikit-learn's and numpy's Python parts took time slices from /score under
+        load), and with a core to spare it runs beside the loop. ``spawn``, not ``fork``: the
+        service has threads (uvicorn's, vLLM's) that a fork would copy in mid-state."""
+        if self._fitter is None:
+            root = logging.getLogger()
+            to_stdout = any(getattr(h, "stream", None) is sys.stdout for h in root.handlers)
+            self._fitter = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_fit_worker,
+                initargs=(root.level, "stdout" if to_stdout else "stderr"),
+            )
+        return self._fitter
 
     async def refresh(self) -> None:
         """Re-read the active versions from the store (replicas promote too)."""
@@ -316,9 +339,13 @@ class Recalibrator:
                 log.warning("calibrator refresh failed: %s", exc)
 
     async def close(self) -> None:
-        """Wait for running refits (they only read and write the store)."""
+        """Wait for running refits (they only read and write the store), then stop the
+        refit worker."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._fitter is not None:
+            self._fitter.shutdown(wait=False, cancel_futures=True)
+            self._fitter = None
 
     # -- labels and refits -----------------------------------------------------------------
 
@@ -339,12 +366,18 @@ class Recalibrator:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("refit failed: %s", task.exception())
 
     async def refit(self, key: CalibratorKey) -> str:
-        """Refit ``key`` on its last ``window`` labels in a worker thread and promote the
-        result if it is no worse on the newest labels. Returns the outcome: ``promoted``,
-        ``rejected``, ``too_few`` or ``busy`` (another refit of the key holds the lock)."""
+        """Refit ``key`` on its last ``window`` labels in the refit worker process and
+        promote the result if it is no worse on the newest labels. Returns the outcome:
+        ``promoted``, ``rejected``, ``too_few`` or ``busy`` (another refit of the key holds
+        the lock)."""
         async with self.store.refit_lock(key) as got:
             if not got:
                 return "busy"
@@ -352,9 +385,20 @@ class Recalibrator:
             rows = await self.store.labelled_window(key, self.config.window)
             total = self._labels.get(key, len(rows))
             active = self._active.get(key)
-            decision, kept, capped = await asyncio.to_thread(
-                _decide, rows, None if active is None else active.calibrator, self.config
-            )
+            try:
+                decision, kept_at, capped = await asyncio.get_running_loop().run_in_executor(
+                    self._fit_worker(),
+                    _decide,
+                    [r.raw_confidence for r in rows],
+                    [r.correct for r in rows],
+                    [r.source for r in rows],
+                    None if active is None else active.calibrator,
+                    self.config,
+                )
+            except BrokenProcessPool:  # the worker died (e.g. killed): a new one next time
+                self._fitter = None
+                raise
+            kept = [rows[i] for i in kept_at]
             self.telemetry.set_labels_capped(key, capped)
             outcome = await self._record(key, decision, kept, capped, total)
             elapsed = time.perf_counter() - started
@@ -421,16 +465,32 @@ class Recalibrator:
 
 
 def _decide(
-    rows: Sequence[LabelRow], active: Calibrator | None, config: RecalibrationConfig
-) -> tuple[RefitDecision, list[LabelRow], int]:
-    """The worker thread's part: cap the sources, fit, judge."""
-    mask, capped = recalibrate.cap_sources([r.source for r in rows], config.max_source_share)
-    kept = [r for r, keep in zip(rows, mask, strict=True) if keep]
+    scores: Sequence[float],
+    correct: Sequence[bool],
+    sources: Sequence[str | None],
+    active: Calibrator | None,
+    config: RecalibrationConfig,
+) -> tuple[RefitDecision, list[int], int]:
+    """The refit worker's part, over plain lists (cheap to send to its process): cap the
+    sources, fit, judge. Returns the decision, the indices of the labels kept, and how
+    many were capped."""
+    mask, capped = recalibrate.cap_sources(list(sources), config.max_source_share)
+    kept = [i for i, keep in enumerate(mask) if keep]
     if not kept:
         return RefitDecision(None, False), kept, capped
-    scores = np.array([r.raw_confidence for r in kept], dtype=np.float64)
-    correct = np.array([r.correct for r in kept], dtype=bool)
-    return recalibrate.refit(scores, correct, active, config.policy()), kept, capped
+    s = np.array([scores[i] for i in kept], dtype=np.float64)
+    y = np.array([correct[i] for i in kept], dtype=bool)
+    return recalibrate.refit(s, y, active, config.policy()), kept, capped
+
+
+def _init_fit_worker(level: int, stream: str) -> None:
+    """The refit worker logs (and logs its warnings, e.g. scikit-learn's) as JSON lines on
+    the stream the service logs to."""
+    from service.logs import json_stream_handler
+
+    root = logging.getLogger()
+    root.handlers[:] = [json_stream_handler(getattr(sys, stream))]
+    root.setLevel(level)
 
 
 def _warm_up() -> None:
