@@ -21,6 +21,7 @@ Routes get this by being ``StrictJSONRoute``s (every router of the service uses 
 from __future__ import annotations
 
 import email.message
+import functools
 import json
 import math
 import re
@@ -215,6 +216,7 @@ def parse_strict(raw: bytes) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=256)  # clients send a few values; parsing one is ~10 us
 def is_json_content_type(value: str) -> bool:
     """``application/json`` or ``application/*+json``, in UTF-8 if a charset is given."""
     message = email.message.Message()

@@ -6,6 +6,7 @@ prefix cache serves all the prompts of a question from one cached prefix."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import string
@@ -133,8 +134,14 @@ def prefix_key(question: Question, template: PromptTemplate) -> str:
     instruction, and in every process (SHA-256, not Python's salted ``hash()``). The
     options are part of it, so that many questions sharing a stem ("Which of the following
     is true?") spread over the servers instead of piling onto one."""
-    parts = [template.system_prompt or "", template.few_shot, question.text, *question.options]
-    digest = hashlib.sha256("\x00".join(parts).encode())
+    return _prefix_digest(
+        template.system_prompt or "", template.few_shot, question.text, tuple(question.options)
+    )
+
+
+@functools.lru_cache(maxsize=1024)  # every prompt of a question asks again
+def _prefix_digest(system: str, few_shot: str, text: str, options: tuple[str, ...]) -> str:
+    digest = hashlib.sha256("\x00".join((system, few_shot, text, *options)).encode())
     return digest.hexdigest()[:32]
 
 

@@ -145,6 +145,7 @@ class Store:
         self.observer = observer
         self.dropped_scores = 0
         self._engine: AsyncEngine | None = None
+        self._upsert: Any = None
         self._buffer: deque[_PendingScore] = deque()
         self._pending: dict[str, _PendingScore] = {}  # the newest queued score of each id
         self._wake = asyncio.Event()
@@ -353,6 +354,19 @@ class Store:
             "calibrator_version": r.calibrator_version,
         }
 
+    def _score_upsert(self) -> Any:
+        """The batch upsert of scores, built once: building it cost as much CPU per batch
+        as executing it (SQLAlchemy caches the compiled form, not the statement object)."""
+        if self._upsert is None:
+            insert = self.backend.insert(scores)
+            self._upsert = insert.on_conflict_do_update(
+                index_elements=[scores.c.id],
+                set_={name: insert.excluded[name] for name in _SCORE_COLUMNS},
+                # a label committed meanwhile by another replica keeps its score
+                where=~exists().where(feedback.c.id == scores.c.id),
+            )
+        return self._upsert
+
     async def _write_scores(
         self, records: Sequence[ScoreRecord], *, report_conflicts: bool = True
     ) -> set[str]:
@@ -371,14 +385,7 @@ class Store:
                 conflicts.update(found.scalars())
             rows = [self._score_row(r) for i, r in latest.items() if i not in conflicts]
             if rows:
-                insert = self.backend.insert(scores)
-                upsert = insert.on_conflict_do_update(
-                    index_elements=[scores.c.id],
-                    set_={name: insert.excluded[name] for name in _SCORE_COLUMNS},
-                    # a label committed meanwhile by another replica keeps its score
-                    where=~exists().where(feedback.c.id == scores.c.id),
-                )
-                await conn.execute(upsert, rows)
+                await conn.execute(self._score_upsert(), rows)
             await conn.commit()
         return conflicts
 
