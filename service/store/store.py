@@ -66,6 +66,10 @@ MAX_BATCH = 256
 _MAX_SQL_VARIABLES = 500
 #: The writer's back-off while the database is unreachable (seconds, doubling).
 _RETRY_FIRST_S, _RETRY_MAX_S = 0.2, 5.0
+#: When no request waits for the batch, the writer lets scores gather this long first: each
+#: batch costs a few round trips to the database whatever its size, and under load those
+#: took CPU from the event loop that serves /score.
+LINGER_S = 0.05
 #: Pauses before looking again for an unknown id on a shared database (seconds).
 _UNKNOWN_RETRIES_S = (0.05, 0.1, 0.2)
 _SCORE_COLUMNS = [c.name for c in scores.columns if c.name != "id"]
@@ -270,6 +274,12 @@ class Store:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if (
+                not self._closing
+                and len(self._buffer) < MAX_BATCH
+                and not any(p.waiter is not None for p in self._buffer)
+            ):
+                await asyncio.sleep(LINGER_S)
             batch = list(itertools.islice(self._buffer, MAX_BATCH))
             try:
                 try:
