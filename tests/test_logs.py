@@ -28,6 +28,21 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _run_script(path: Path, source: str) -> subprocess.CompletedProcess[str]:
+    """Run ``source`` as a script (it may start processes, which ``-c`` code cannot)."""
+    path.write_text(source)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOGGING")}
+    return subprocess.run(
+        [sys.executable, str(path)],
+        env={**clean, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def _json_lines(text: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines()]
 
@@ -106,18 +121,7 @@ if __name__ == "__main__":
 def test_a_process_configured_by_the_file_writes_json_only(tmp_path: Path) -> None:
     """An engine-core or worker process applies the dictConfig vLLM read from the file;
     then vLLM's, torch's and Python's warning lines are all one JSON object each."""
-    script = tmp_path / "child.py"
-    script.write_text(CHILD_SCRIPT)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOGGING")}
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        env={**clean, "PYTHONPATH": str(ROOT)},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _run_script(tmp_path / "child.py", CHILD_SCRIPT)
     assert done.returncode == 0, done.stderr
     lines = _json_lines(done.stdout)
     by_logger = {line["logger"]: line for line in lines}
@@ -165,18 +169,7 @@ def test_the_resource_trackers_exit_warning_is_not_printed(tmp_path: Path) -> No
     """multiprocessing's resource tracker (a bare interpreter no logging hook reaches) gets
     ufcal's warnings filter, so its plain-text leak warning at exit is not printed (the
     tracker still removes what was leaked)."""
-    script = tmp_path / "leaking.py"
-    script.write_text(LEAKING_CHILD)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOGGING")}
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        env={**clean, "PYTHONPATH": str(ROOT)},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _run_script(tmp_path / "leaking.py", LEAKING_CHILD)
     assert done.returncode == 0, done.stderr
     assert "resource_tracker" not in done.stderr, done.stderr
     assert all(line.startswith("{") for line in done.stderr.splitlines()), done.stderr
