@@ -195,8 +195,8 @@ def configure_logging(level: str = "INFO", stream: Stream = "stdout") -> None:
     """
     level = level.upper()
     # No line carries the caller's file, line or thread: skip looking them up for every
-    # record (the logging HOWTO's "Optimization"); under load that was a tenth of the cost
-    # of the per-request lines.
+    # record (the logging HOWTO's "Optimization"). With the per-second timestamp cache of
+    # utc_iso, that gave about 15% more /score per second in the overhead benchmark.
     logging._srcfile = None
     logging.logThreads = False
     root = logging.getLogger()
