@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,16 +30,11 @@ from typing import Any
 
 import httpx
 
+from service.bench.overhead import free_port
 from service.config import Settings
 from service.evaluation.data import load_mcqa
 
 WARM = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _body(item: Any) -> dict[str, Any]:
@@ -135,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     warm, burst = rows[:WARM], rows[WARM : WARM + args.requests]
     b_items = rows[WARM + args.requests : WARM + args.requests + args.b_questions]
 
-    port = _free_port()
+    port = free_port()
     scratch = tempfile.mkdtemp(prefix="ufcal-burst-")
     env = {
         **os.environ,

@@ -94,7 +94,8 @@ def serve_instant(port: int) -> int:
     return run_server(instant_app(), settings, "127.0.0.1", port)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -116,7 +117,7 @@ def split_cores() -> tuple[set[int], set[int]] | None:
 def instant_server(cores: set[int] | None = None, env: dict[str, str] | None = None) -> Any:
     """Run ``serve_instant`` in a subprocess (on ``cores`` if given, with ``env`` over the
     environment); yield its base URL."""
-    port = _free_port()
+    port = free_port()
     # A throwaway database: the store's writes are part of the overhead, its rows are not
     # worth keeping.
     db_dir = tempfile.mkdtemp(prefix="ufcal-bench-")

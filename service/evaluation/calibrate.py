@@ -13,9 +13,9 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from service.calibration.recalibrate import FitPolicy, FitResult, fit
+from service.evaluation.report import metric_cell as _f
 from service.recalibration import METHODS, MODES, record_from_fit, write_calibrator_file
 from service.store import CalibratorKey
 
@@ -90,10 +90,6 @@ def read_labelled(
     if seen is not None:
         seen.append(rows)
     return out
-
-
-def _f(v: Any) -> str:
-    return "-" if v is None else f"{float(v) + 0.0:.3f}"
 
 
 def _table(results: dict[CalibratorKey, tuple[Labelled, FitResult | None]]) -> str:

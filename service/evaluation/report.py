@@ -19,6 +19,7 @@ __all__ = [
     "Transfer",
     "budget_table",
     "markdown_table",
+    "metric_cell",
     "recalibrated",
     "recalibrated_table",
     "reliability_png",
@@ -99,8 +100,12 @@ def summarize(
     return out
 
 
-def _f(value: float | None) -> str:
+def metric_cell(value: float | None) -> str:
+    """A metric as a table cell: three decimals, ``-`` for none."""
     return "-" if value is None else f"{value + 0.0:.3f}"  # + 0.0: no "-0.000"
+
+
+_f = metric_cell  # short, for the table rows below
 
 
 def markdown_table(summaries: Sequence[GroupSummary]) -> str:
