@@ -37,6 +37,7 @@ from service.calibration.recalibrate import (
     FitResult,
     RefitDecision,
 )
+from service.logs import Stream, log_json_lines
 from service.store import CalibratorKey, CalibratorRecord, FeedbackRecord, LabelRow, Store
 from service.telemetry import Telemetry
 
@@ -300,11 +301,12 @@ class Recalibrator:
         if self._fitter is None:
             root = logging.getLogger()
             to_stdout = any(getattr(h, "stream", None) is sys.stdout for h in root.handlers)
+            stream: Stream = "stdout" if to_stdout else "stderr"
             self._fitter = ProcessPoolExecutor(
                 max_workers=1,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_fit_worker,
-                initargs=(root.level, "stdout" if to_stdout else "stderr"),
+                initargs=(root.level, stream),
             )
         return self._fitter
 
@@ -483,14 +485,10 @@ def _decide(
     return recalibrate.refit(s, y, active, config.policy()), kept, capped
 
 
-def _init_fit_worker(level: int, stream: str) -> None:
+def _init_fit_worker(level: int, stream: Stream) -> None:
     """The refit worker logs (and logs its warnings, e.g. scikit-learn's) as JSON lines on
     the stream the service logs to."""
-    from service.logs import json_stream_handler
-
-    root = logging.getLogger()
-    root.handlers[:] = [json_stream_handler(getattr(sys, stream))]
-    root.setLevel(level)
+    log_json_lines(level, stream)
 
 
 def _warm_up() -> None:
