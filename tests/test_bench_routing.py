@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
 
 from service.bench.overhead import InstantEngine
-from service.bench.routing import compare_routings, format_report
+from service.bench.routing import compare_routings, format_report, main
+from service.bench.runner import load_questions
 from service.calibration.prompts import Prompt, PromptTemplate, Question
 from service.engines.base import Generation, GenerationParams, LetterRead
 from service.engines.routing import EngineRouter, Routing
@@ -82,3 +87,30 @@ async def test_affinity_computes_fewer_tokens_than_round_robin_on_caching_server
         }
     )
     assert "affinity over round-robin: computed_prompt_tokens_per_q = " in table
+
+
+def test_subjects_pick_only_their_questions(tmp_path: Path) -> None:
+    rows = [
+        {"id": str(i), "dataset": "d", "subject": subject, "question": f"Q{i}?"}
+        | {"options": ["a", "b"], "answer": 0}
+        for i, subject in enumerate(["law", "history", "law", None, "history"])
+    ]
+    data = tmp_path / "mcqa.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert [q.text for q in load_questions(data, 10, {"history"})] == ["Q1?", "Q4?"]
+    assert [q.text for q in load_questions(data, 1, {"law", "history"})] == ["Q0?"]
+    assert len(load_questions(data, 10)) == 5
+
+
+def test_no_question_of_the_subjects_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "mcqa.jsonl"
+    data.write_text(
+        json.dumps({"id": "1", "dataset": "d", "subject": "law", "question": "Q?"})[:-1]
+        + ', "options": ["a", "b"], "answer": 0}\n'
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--engine-url", "http://127.0.0.1:1", "--data", str(data), "--subjects", "art"])
+    assert exit_info.value.code == 2
+    assert "--subjects" in capsys.readouterr().err

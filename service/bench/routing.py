@@ -179,6 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--data", default="../shared/data/mcqa/arc_challenge_test.jsonl", help="MCQA JSONL"
     )
     parser.add_argument("--n", type=int, default=50, help="questions (default 50)")
+    parser.add_argument(
+        "--subjects",
+        default=None,
+        help="comma-separated: only questions of these subjects (e.g. MMLU's passage-based "
+        "high_school_european_history)",
+    )
     parser.add_argument("--concurrency", type=int, default=32, help="questions in flight")
     parser.add_argument("--mode", choices=("logprobs", "sampling"), default="logprobs")
     parser.add_argument(
@@ -196,7 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--routings: unknown routing {name!r}; use {', '.join(ROUTINGS)}")
         routings.append(name)
     data = Path(args.data)
-    questions = load_questions(data, args.n)
+    subjects = None if args.subjects is None else set(args.subjects.split(","))
+    questions = load_questions(data, args.n, subjects)
+    if not questions:
+        parser.error(f"--data/--subjects: no questions in {data} for {args.subjects!r}")
 
     def make_engine(routing: Routing) -> Engine:
         from service.engines.openai_http import OpenAIHTTPEngine
@@ -212,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {
         "engines": ",".join(settings.engine_urls),
         "dataset": data.name,
+        "subjects": args.subjects,
         "n": len(questions),
         "mode": args.mode,
         "concurrency": args.concurrency,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import platform
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,6 +334,8 @@ def stats_rows(results: dict[str, VariantStats]) -> list[dict[str, Any]]:
     return [results[k].summary() for k in sorted(results)]
 
 
-def load_questions(path: Path, n: int) -> list[Question]:
-    """The first ``n`` questions of an MCQA JSONL file (the shared data format)."""
-    return [Question(item.question, item.options) for item in load_mcqa(path)[:n]]
+def load_questions(path: Path, n: int, subjects: Collection[str] | None = None) -> list[Question]:
+    """The first ``n`` questions of an MCQA JSONL file (the shared data format), only those
+    of ``subjects`` when given."""
+    items = [item for item in load_mcqa(path) if subjects is None or item.subject in subjects]
+    return [Question(item.question, item.options) for item in items[:n]]
