@@ -777,9 +777,14 @@ def _compose_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("GRAFANA_", "PROMETHEUS_", "UFCAL_", "VLLM_"))
+        if not k.startswith(("GRAFANA_", "POSTGRES_", "PROMETHEUS_", "UFCAL_", "VLLM_"))
     }
     return {**env, **extra}
+
+
+def _compose_secrets(**extra: str) -> dict[str, str]:
+    """``_compose_env`` with the passwords compose requires set."""
+    return _compose_env(**{"GRAFANA_ADMIN_PASSWORD": "s3cret", "POSTGRES_PASSWORD": "pg", **extra})
 
 
 def _compose_config(
@@ -788,7 +793,7 @@ def _compose_config(
     args = [*compose_cmd, "-f", str(COMPOSE)]
     for p in profiles:
         args += ["--profile", p]
-    proc = _run([*args, "config"], env=_compose_env(GRAFANA_ADMIN_PASSWORD=password))
+    proc = _run([*args, "config"], env=_compose_secrets(GRAFANA_ADMIN_PASSWORD=password))
     _ok(proc)
     data = yaml.safe_load(proc.stdout)
     assert isinstance(data, dict)
@@ -848,12 +853,16 @@ def test_compose_replicas_share_postgres_behind_nginx(compose_cmd: list[str]) ->
     assert "resolver 127.0.0.11" in conf and "http://ufcal:8000" in conf
 
 
-def test_compose_requires_a_grafana_password(compose_cmd: list[str]) -> None:
-    proc = _run([*compose_cmd, "-f", str(COMPOSE), "config"], env=_compose_env())
+@pytest.mark.parametrize("missing", ["GRAFANA_ADMIN_PASSWORD", "POSTGRES_PASSWORD"])
+def test_compose_requires_its_passwords(compose_cmd: list[str], missing: str) -> None:
+    env = {k: v for k, v in _compose_secrets().items() if k != missing}
+    proc = _run([*compose_cmd, "-f", str(COMPOSE), "--profile", "cpu", "config"], env=env)
     assert proc.returncode != 0
-    assert "GRAFANA_ADMIN_PASSWORD" in proc.stdout + proc.stderr
-    grafana = _compose_config(compose_cmd)["services"]["grafana"]
-    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret"
+    assert missing in proc.stdout + proc.stderr
+    services = _compose_config(compose_cmd, "cpu")["services"]
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret"
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "pg"
+    assert services["ufcal-cpu"]["environment"]["UFCAL_DB_URL"].startswith("postgresql://ufcal:pg@")
 
 
 def _published(service: dict[str, Any]) -> list[tuple[str, str]]:
@@ -884,7 +893,7 @@ def test_compose_monitoring_is_local_and_locked(compose_cmd: list[str]) -> None:
     assert "UFCAL_API_KEYS" in services["ufcal"]["environment"]
     proc = _run(
         [*compose_cmd, "-f", str(COMPOSE), "config"],
-        env=_compose_env(
+        env=_compose_secrets(
             GRAFANA_ADMIN_PASSWORD="x",
             PROMETHEUS_BIND="0.0.0.0",
             PROMETHEUS_LIFECYCLE="--web.enable-lifecycle",

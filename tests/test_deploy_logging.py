@@ -21,7 +21,7 @@ from tests.test_deploy import (  # noqa: F401
     COMPOSE,
     DASHBOARD,
     ROOT,
-    _compose_env,
+    _compose_secrets,
     _ok,
     _panels,
     _published,
@@ -133,7 +133,7 @@ def test_override_mounts_exist_and_match_the_configs() -> None:
 def test_compose_accepts_the_override(compose_cmd: list[str]) -> None:  # noqa: F811
     proc = _run(
         [*compose_cmd, "-f", str(COMPOSE), "-f", str(OVERRIDE), "--profile", "cpu", "config"],
-        env=_compose_env(GRAFANA_ADMIN_PASSWORD="s3cret"),
+        env=_compose_secrets(),
     )
     _ok(proc)
     services = yaml.safe_load(proc.stdout)["services"]
