@@ -221,24 +221,22 @@ class Admission:
         the engine, so the work ahead of one drains at half the rate."""
         return total * per_prompt * (2.0 if large else 1.0)
 
-    def _queue_position(self, work: int) -> int:
-        """Where a new request of ``work`` joins the queue: after every waiter with no more
-        work (the waiters are kept in ``key`` order)."""
-        return bisect.bisect_right(self._waiters, (work, math.inf), key=lambda w: w.key)
-
-    def _work_before(self, position: int) -> int:
-        """Planned prompts served before queue ``position``: those running and those queued
-        ahead of it."""
-        return self.work_in_use + sum(w.work for w in self._waiters[:position])
+    def _forecast(self, work: int) -> tuple[int, int, float | None]:
+        """For a new request of ``work``: where it joins the queue (after every waiter with
+        no more work; the waiters are kept in ``key`` order), the planned prompts served up
+        to its end (running, queued ahead of it, its own), and when they would be done from
+        now at the measured rate (None until measured)."""
+        position = bisect.bisect_right(self._waiters, (work, math.inf), key=lambda w: w.key)
+        through = self.work_in_use + sum(w.work for w in self._waiters[:position]) + work
+        per_prompt = self.seconds_per_prompt()
+        if per_prompt is None:
+            return position, through, None
+        return position, through, self._seconds_for(through, per_prompt, self.is_large(work))
 
     def predicted_s(self, work: int) -> float | None:
         """When a new request of ``work`` would finish from now: the work running, the queued
         work served before it (no larger than its own) and its own, at the measured rate."""
-        per_prompt = self.seconds_per_prompt()
-        if per_prompt is None:
-            return None
-        ahead = self._work_before(self._queue_position(work))
-        return self._seconds_for(ahead + work, per_prompt, self.is_large(work))
+        return self._forecast(work)[2]
 
     def _in_time(self, predicted: float, now: float, deadline: float) -> bool:
         return predicted <= self.deadline_share * (deadline - now)
@@ -282,13 +280,13 @@ class Admission:
         else raise ``Overloaded`` at once."""
         slots, weight = self.cost_of(cost), self.work_of(work)
         now = self._clock()
-        position = self._queue_position(weight)
-        per_prompt = self.seconds_per_prompt()
-        ahead = self._work_before(position) + weight if per_prompt is not None else 0
-        if deadline is not None and per_prompt is not None:
-            predicted = self._seconds_for(ahead, per_prompt, self.is_large(weight))
-            if not self._in_time(predicted, now, deadline):
-                raise self._refuse_for_time(predicted, self.deadline_share * (deadline - now))
+        position, through, predicted = self._forecast(weight)
+        if (
+            deadline is not None
+            and predicted is not None
+            and not self._in_time(predicted, now, deadline)
+        ):
+            raise self._refuse_for_time(predicted, self.deadline_share * (deadline - now))
         # smallest work first: only waiters with more work than this one can be passed
         if position == 0 and self._fits(slots, weight):
             self._take(slots, weight)
@@ -301,8 +299,7 @@ class Admission:
             self._waiters.insert(position, waiter)  # its order is the newest: key order holds
             self.queued += slots
             self.work_queued += weight
-            if per_prompt is not None:
-                self._evict_late(now, position + 1, ahead, per_prompt)
+            self._evict_late(now, position + 1, through)
             try:
                 await future
             except asyncio.CancelledError:
@@ -381,10 +378,13 @@ class Admission:
             self.queued -= waiter.slots
             self.work_queued -= waiter.work
 
-    def _evict_late(self, now: float, start: int, ahead: int, per_prompt: float) -> None:
+    def _evict_late(self, now: float, start: int, ahead: int) -> None:
         """Refuse the queued requests from ``start`` on (those a new arrival was put ahead
         of; ``ahead`` is the work served before ``start``) that the work now ahead of them
         would push past their deadlines."""
+        per_prompt = self.seconds_per_prompt()
+        if per_prompt is None:
+            return
         for waiter in self._waiters[start:]:
             ahead += waiter.work
             predicted = self._seconds_for(ahead, per_prompt, self.is_large(waiter.work))
