@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.api.admission import Admission, Overloaded, RateMeter
+from service.api.admission import Admission, DeadlineUnreachable, Overloaded, RateMeter
 from tests.fakes import FakeCall, FakeEngine
 from tests.test_api import _settings, serve
 from tests.test_budget import _wandering_generate, _wandering_letters
@@ -33,8 +33,8 @@ class Clock:
 
 
 def _meter_at(clock: Clock, prompts_per_s: float) -> RateMeter:
-    """A meter that has measured ``prompts_per_s`` over 10 busy seconds."""
-    meter = RateMeter(clock=clock)
+    """A meter that has measured ``prompts_per_s`` over 10 busy seconds (no warm-up)."""
+    meter = RateMeter(clock=clock, warmup=0)
     meter.running(1)
     clock.now += 10.0
     meter.finished(int(prompts_per_s * 10), int(prompts_per_s * 10))
@@ -47,7 +47,7 @@ def _admission(
 ) -> Admission:
     """A limiter whose meter measured ``rate`` (None: nothing yet); no meter at all when not
     ``metered`` (the fixed bounds alone)."""
-    meter = _meter_at(clock, rate) if rate is not None else RateMeter(clock=clock)
+    meter = _meter_at(clock, rate) if rate is not None else RateMeter(clock=clock, warmup=0)
     options = {"capacity": 16, "max_queue": 64, "work_capacity": 208, "slot_work": 13}
     options.update(kwargs)
     return Admission(meter=meter if metered else None, clock=clock, **options)
@@ -63,7 +63,7 @@ async def _holding(admission: Admission, work: int, count: int = 1) -> AsyncIter
 
 def test_rate_meter_counts_busy_time_only() -> None:
     clock = Clock()
-    meter = RateMeter(clock=clock)
+    meter = RateMeter(clock=clock, warmup=0)
     assert meter.rate() is None and meter.fill() == 1.0
     meter.running(1)
     clock.now += 2.0
@@ -72,6 +72,61 @@ def test_rate_meter_counts_busy_time_only() -> None:
     clock.now += 50.0  # idle: not counted
     assert meter.rate() == pytest.approx(10.0)
     assert meter.fill() == pytest.approx(0.5)
+
+
+def _run_one(meter: RateMeter, clock: Clock, seconds: float, prompts: int) -> None:
+    meter.running(1)
+    clock.now += seconds
+    meter.finished(prompts, prompts)
+    meter.running(-1)
+
+
+def test_the_cold_start_is_not_counted() -> None:
+    clock = Clock()
+    meter = RateMeter(clock=clock)  # warm-up: the first request to finish
+    _run_one(meter, clock, 16.0, 11)  # cold: 1.45 s a prompt
+    assert meter.rate() is None  # nothing measured yet: only the fixed bounds apply
+    _run_one(meter, clock, 0.44, 11)
+    _run_one(meter, clock, 0.44, 11)
+    assert meter.seconds_per_prompt() == pytest.approx(0.04)
+
+
+def test_one_slow_batch_and_an_idle_gap_do_not_move_the_rate() -> None:
+    clock = Clock()
+    meter = RateMeter(clock=clock, warmup=0)
+    for _ in range(6):
+        _run_one(meter, clock, 0.5, 20)  # 0.025 s a prompt
+    clock.now += 600.0  # idle for ten minutes
+    _run_one(meter, clock, 10.0, 20)  # one stalled batch: 20x slower
+    assert meter.seconds_per_prompt() == pytest.approx(0.025)
+    for _ in range(12):  # a lasting change is followed
+        _run_one(meter, clock, 1.0, 20)
+    assert meter.seconds_per_prompt() == pytest.approx(0.05)
+
+
+async def test_an_idle_engine_runs_a_large_request_at_its_full_rate() -> None:
+    clock = Clock()
+    admission = _admission(clock, rate=25.0)  # 0.04 s a prompt, as a warm 2-core CPU
+    # alone, a 64-prompt question has the whole engine: 2.56 s, not twice that
+    assert admission.predicted_s(64) == pytest.approx(2.56)
+    async with admission.slot(1, 64, deadline=clock.now + 3.0):  # past 80 % of 3 s: idle runs
+        assert admission.work_in_use == 64
+        # with work beside it, a large one holds half the engine: (64 + 64) x 2 x 0.04
+        assert admission.predicted_s(64) == pytest.approx(10.24)
+    assert admission.rejected_for_time == 0
+
+
+async def test_what_no_wait_would_fit_is_refused_as_unreachable_not_overloaded() -> None:
+    clock = Clock()
+    admission = _admission(clock, rate=2.0)  # 0.5 s a prompt
+    with pytest.raises(DeadlineUnreachable) as refused:
+        async with admission.slot(1, 64, deadline=clock.now + 20.0):  # 32 s alone
+            pass
+    message = str(refused.value)
+    assert "64 prompts" in message and "32.0 s" in message and "20 s" in message
+    assert "max_prompts" in message and "UFCAL_REQUEST_TIMEOUT_S" in message
+    async with admission.slot(1, 13, deadline=clock.now + 20.0):  # 6.5 s: fits
+        pass
 
 
 async def test_refused_at_once_when_the_work_ahead_misses_the_deadline() -> None:

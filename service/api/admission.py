@@ -40,9 +40,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 T = TypeVar("T")
+#: Buckets of predicted / actual finish time: fine around 1, the 0.5x-2x band marked.
+PREDICTION_BUCKETS = (0.25, 0.33, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0)
 
 
 class Overloaded(Exception):
@@ -60,6 +62,23 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
+class DeadlineUnreachable(Exception):
+    """The request's own work would miss its deadline even on an idle engine, at the
+    measured rate (HTTP 422): waiting cannot help, a smaller plan or a longer deadline can.
+    ``planned`` is its planned prompts, ``predicted_s`` its predicted seconds alone."""
+
+    def __init__(self, planned: int, predicted_s: float, timeout_s: float) -> None:
+        super().__init__(
+            f"this request is planned at {planned} prompts, which the engine is predicted to "
+            f"take about {predicted_s:.1f} s for even when idle (its measured rate), past the "
+            f"request's deadline of {timeout_s:g} s (UFCAL_REQUEST_TIMEOUT_S): lower "
+            "max_prompts (or send fewer options or samples), or raise UFCAL_REQUEST_TIMEOUT_S"
+        )
+        self.planned = planned
+        self.predicted_s = predicted_s
+        self.timeout_s = timeout_s
+
+
 class DeadlineExceeded(Exception):
     """The request ran past ``UFCAL_REQUEST_TIMEOUT_S`` and was cancelled (HTTP 504)."""
 
@@ -72,31 +91,46 @@ class DeadlineExceeded(Exception):
 
 
 class RateMeter:
-    """The engine's measured throughput: prompts finished per second of busy time (time with
-    at least one request running), over the last ``window_s`` seconds, and the share of the
-    planned prompts that requests actually sent (``fill``; plans are upper bounds).
+    """The engine's measured throughput, as a prediction can trust it: seconds per prompt,
+    taken in busy time (time with at least one request running, so an idle gap counts
+    nothing), and the share of the planned prompts that requests actually sent (``fill``;
+    plans are upper bounds).
 
-    Requests report their prompts when they finish, so the figure moves with the load; it
-    is None until ``min_prompts`` prompts over ``min_busy_s`` busy seconds were seen."""
+    Finished requests are gathered into buckets of at least ``min_busy_s`` busy seconds and
+    ``min_prompts`` prompts; a bucket's figure is its busy seconds over its prompts, so
+    requests that overlap count once. The rate is the weighted median of the last
+    ``buckets`` buckets' figures (weights: their prompts, times ``decay`` per bucket of
+    age), so a single slow batch moves it by at most its own prompts' votes, however long
+    it stalled, and the newest buckets count most. The first ``warmup`` requests to finish (the cold start: first batches, empty
+    prefix cache) and the busy time before them are not counted. None until one bucket
+    after the warm-up is full."""
 
     def __init__(
         self,
-        window_s: float = 60.0,
+        *,
         min_busy_s: float = 0.5,
         min_prompts: int = 8,
+        buckets: int = 15,
+        decay: float = 0.85,
+        warmup: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.window_s = window_s
         self.min_busy_s = min_busy_s
         self.min_prompts = min_prompts
+        self.decay = decay
+        self._warmup_left = warmup
         self._clock = clock
         self._running = 0
         self._busy_since: float | None = None
         self._busy = 0.0  # busy seconds before _busy_since
-        self._prompts = 0
-        self._planned = 0
-        # (time, prompts, planned, busy) running totals at each finish
-        self._samples: deque[tuple[float, int, int, float]] = deque([(clock(), 0, 0, 0.0)])
+        # the open bucket: (prompts, planned) since, and the busy total at its start
+        self._open_prompts = 0
+        self._open_planned = 0
+        self._open_busy = 0.0
+        # closed buckets, oldest first: (busy seconds, prompts, planned)
+        self._buckets: deque[tuple[float, int, int]] = deque(maxlen=buckets)
+        self._per_prompt: float | None = None
+        self._fill = 1.0
 
     def _busy_now(self, now: float) -> float:
         return self._busy + (now - self._busy_since if self._busy_since is not None else 0.0)
@@ -114,29 +148,53 @@ class RateMeter:
 
     def finished(self, prompts: int, planned: int) -> None:
         """A request finished after sending ``prompts`` of its ``planned`` prompts."""
-        now = self._clock()
-        self._prompts += max(0, prompts)
-        self._planned += max(0, planned)
-        self._samples.append((now, self._prompts, self._planned, self._busy_now(now)))
-        while len(self._samples) > 2 and self._samples[1][0] < now - self.window_s:
-            self._samples.popleft()
+        busy = self._busy_now(self._clock())
+        if self._warmup_left > 0:  # the cold start: drop it and what ran beside it
+            self._warmup_left -= 1
+            self._open_busy = busy
+            return
+        self._open_prompts += max(0, prompts)
+        self._open_planned += max(0, planned)
+        spent = busy - self._open_busy
+        if self._open_prompts < self.min_prompts or spent < self.min_busy_s:
+            return
+        self._buckets.append((spent, self._open_prompts, self._open_planned))
+        self._open_prompts = self._open_planned = 0
+        self._open_busy = busy
+        self._per_prompt = _weighted_median(
+            [
+                (s / p, p * self.decay ** (len(self._buckets) - 1 - i))
+                for i, (s, p, _) in enumerate(self._buckets)
+            ]
+        )
+        sent = sum(p for _, p, _ in self._buckets)
+        planned_total = sum(q for _, _, q in self._buckets)
+        self._fill = min(1.0, sent / planned_total) if planned_total > 0 and sent > 0 else 1.0
 
-    def _span(self) -> tuple[int, int, float]:
-        now = self._clock()
-        _, prompts, planned, busy = self._samples[0]
-        return self._prompts - prompts, self._planned - planned, self._busy_now(now) - busy
+    def seconds_per_prompt(self) -> float | None:
+        """Busy seconds per prompt sent, or None while too little was measured."""
+        return self._per_prompt
 
     def rate(self) -> float | None:
         """Prompts per busy second, or None while too little was measured."""
-        prompts, _, busy = self._span()
-        if prompts < self.min_prompts or busy < self.min_busy_s:
-            return None
-        return prompts / busy
+        per_prompt = self._per_prompt
+        return None if per_prompt is None or per_prompt <= 0 else 1.0 / per_prompt
 
     def fill(self) -> float:
         """Prompts sent per planned prompt (1.0 until measured)."""
-        prompts, planned, _ = self._span()
-        return min(1.0, prompts / planned) if planned > 0 and prompts > 0 else 1.0
+        return self._fill
+
+
+def _weighted_median(values: list[tuple[float, float]]) -> float:
+    """The value at half the total weight of ``(value, weight)`` pairs."""
+    ordered = sorted(values)
+    half = sum(w for _, w in ordered) / 2
+    seen = 0.0
+    for value, weight in ordered:
+        seen += weight
+        if seen >= half:
+            return value
+    return ordered[-1][0]
 
 
 @dataclass(eq=False)
@@ -187,6 +245,7 @@ class Admission:
         self.work_queued = 0
         self.rejected = 0
         self.rejected_for_time = 0
+        self._accuracy: Histogram | None = None  # set by export
         self._waiters: list[_Waiter] = []  # smallest work first, then arrival
         self._order = itertools.count()
 
@@ -207,19 +266,22 @@ class Admission:
         """Predicted engine seconds per planned prompt, None until the rate is measured."""
         if self.meter is None:
             return None
-        rate = self.meter.rate()
-        if rate is None or rate <= 0:
+        per_prompt = self.meter.seconds_per_prompt()
+        if per_prompt is None or per_prompt <= 0:
             return None
-        return self.meter.fill() / rate
+        return self.meter.fill() * per_prompt
 
     def is_large(self, work: int) -> bool:
         """More work than one standard question: held to the large requests' share."""
         return self.slot_work is not None and work > self.slot_work
 
-    def _seconds_for(self, total: int, per_prompt: float, large: bool) -> float:
-        """Seconds for ``total`` planned prompts to drain; large requests get at most half
-        the engine, so the work ahead of one drains at half the rate."""
-        return total * per_prompt * (2.0 if large else 1.0)
+    def _seconds_for(self, ahead: int, own: int, per_prompt: float) -> float:
+        """Seconds until a request of ``own`` planned prompts is done with ``ahead`` planned
+        prompts served before or beside it. Large requests hold at most half the engine
+        while other work competes, so the work up to one's end is taken to drain at half
+        the rate then; alone it has the whole engine."""
+        slowed = 2.0 if ahead > 0 and self.is_large(own) else 1.0
+        return (ahead + own) * slowed * per_prompt
 
     def _forecast(self, work: int) -> tuple[int, int, float | None]:
         """For a new request of ``work``: where it joins the queue (after every waiter with
@@ -227,11 +289,11 @@ class Admission:
         to its end (running, queued ahead of it, its own), and when they would be done from
         now at the measured rate (None until measured)."""
         position = bisect.bisect_right(self._waiters, (work, math.inf), key=lambda w: w.key)
-        through = self.work_in_use + sum(w.work for w in self._waiters[:position]) + work
+        ahead = self.work_in_use + sum(w.work for w in self._waiters[:position])
         per_prompt = self.seconds_per_prompt()
         if per_prompt is None:
-            return position, through, None
-        return position, through, self._seconds_for(through, per_prompt, self.is_large(work))
+            return position, ahead + work, None
+        return position, ahead + work, self._seconds_for(ahead, work, per_prompt)
 
     def predicted_s(self, work: int) -> float | None:
         """When a new request of ``work`` would finish from now: the work running, the queued
@@ -258,9 +320,9 @@ class Admission:
         retry = max(self.retry_after_s, math.ceil(predicted - available))
         return Overloaded(
             retry,
-            f"overloaded: the work ahead would finish in about {predicted:.1f} s at the "
-            f"engine's measured rate, past this request's deadline "
-            f"(UFCAL_REQUEST_TIMEOUT_S); retry after {retry} s",
+            f"overloaded: with the work queued and running ahead of it, this request would "
+            f"finish in about {predicted:.1f} s at the engine's measured rate, past its "
+            f"deadline (UFCAL_REQUEST_TIMEOUT_S); retry after {retry} s",
         )
 
     def _take(self, slots: int, work: int) -> None:
@@ -281,12 +343,18 @@ class Admission:
         slots, weight = self.cost_of(cost), self.work_of(work)
         now = self._clock()
         position, through, predicted = self._forecast(weight)
-        if (
-            deadline is not None
-            and predicted is not None
-            and not self._in_time(predicted, now, deadline)
-        ):
-            raise self._refuse_for_time(predicted, self.deadline_share * (deadline - now))
+        if deadline is not None and predicted is not None:
+            per_prompt = self.seconds_per_prompt() or 0.0
+            alone = self._seconds_for(0, weight, per_prompt)
+            if alone > deadline - now:  # no wait would help: say what would
+                self.rejected += 1
+                self.rejected_for_time += 1
+                raise DeadlineUnreachable(weight, alone, deadline - now)
+            idle = self.in_use == 0 and not self._waiters
+            # On an idle engine a request whose own work fits runs, and the deadline decides:
+            # 429 is kept for what the queue ahead causes.
+            if not idle and not self._in_time(predicted, now, deadline):
+                raise self._refuse_for_time(predicted, self.deadline_share * (deadline - now))
         # smallest work first: only waiters with more work than this one can be passed
         if position == 0 and self._fits(slots, weight):
             self._take(slots, weight)
@@ -332,11 +400,16 @@ class Admission:
         # asyncio.timeout, unlike wait_for, runs the work in this task (no task per request)
         deadline = asyncio.timeout(timeout_s)
         sent = 0
+        arrived = self._clock()
+        predicted = self.predicted_s(self.work_of(planned))
         try:
-            async with deadline, self.slot(cost, planned, self._clock() + timeout_s):
+            async with deadline, self.slot(cost, planned, arrived + timeout_s):
                 result = await work()
                 if measure is not None:
                     sent = measure(result) or 0
+                taken = self._clock() - arrived
+                if predicted is not None and taken > 0 and self._accuracy is not None:
+                    self._accuracy.observe(predicted / taken)
                 return result
         except TimeoutError as exc:
             if deadline.expired():
@@ -349,6 +422,13 @@ class Admission:
     def export(self, registry: CollectorRegistry) -> None:
         """Prometheus gauges read from this limiter at scrape time."""
         meter = self.meter
+        self._accuracy = Histogram(
+            "ufcal_admission_predicted_over_actual",
+            "Predicted over actual seconds from arrival to reply, per answered request "
+            "admitted with a measured rate: 1 is exact; admission refuses by this prediction.",
+            buckets=PREDICTION_BUCKETS,
+            registry=registry,
+        )
         Gauge(
             "ufcal_engine_prompts_per_second",
             "The engine's measured throughput: prompts finished per busy second (moving "
@@ -386,8 +466,8 @@ class Admission:
         if per_prompt is None:
             return
         for waiter in self._waiters[start:]:
+            predicted = self._seconds_for(ahead, waiter.work, per_prompt)
             ahead += waiter.work
-            predicted = self._seconds_for(ahead, per_prompt, self.is_large(waiter.work))
             if not self._in_time(predicted, now, waiter.deadline) and not waiter.future.done():
                 self._drop(waiter)
                 ahead -= waiter.work

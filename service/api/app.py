@@ -15,7 +15,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from service.api import security
-from service.api.admission import Admission, DeadlineExceeded, Overloaded, RateMeter
+from service.api.admission import (
+    Admission,
+    DeadlineExceeded,
+    DeadlineUnreachable,
+    Overloaded,
+    RateMeter,
+)
 from service.api.calibrators import serving as calibrators_serving
 from service.api.common import AppState, ServiceUnavailable, app_state, error_response, one_line
 from service.api.errors import install_error_handlers
@@ -151,6 +157,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.exception_handler(Overloaded)
     @app.exception_handler(DeadlineExceeded)
+    @app.exception_handler(DeadlineUnreachable)
     async def _backpressure(_: Request, exc: Exception) -> JSONResponse:
         return error_response(exc, "")
 

@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from service.api.admission import Admission, DeadlineExceeded, Overloaded
+from service.api.admission import Admission, DeadlineExceeded, DeadlineUnreachable, Overloaded
 from service.calibration.prompts import PromptTemplate
 from service.config import Settings
 from service.context_fit import ContextOverflow
@@ -51,16 +51,18 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "model": ValidationErrorResponse | ErrorResponse,
         "description": "Invalid input (the error names the field; a question over the "
         "model's context has type context_length_exceeded), the engine refused the question "
-        "(engine_rejected), or no model reply named an option (detail starts with "
-        "'cannot score').",
+        "(engine_rejected), the question's planned work would miss the deadline even on an "
+        "idle engine (deadline_unreachable, at body.max_prompts: waiting cannot help), or "
+        "no model reply named an option (detail starts with 'cannot score').",
     },
     502: {"model": ErrorResponse, "description": "The engine failed."},
     503: {"model": ErrorResponse, "description": "The engine is not ready or unreachable."},
     413: {"model": ErrorResponse, "description": "The body is over UFCAL_MAX_BODY_BYTES."},
     429: {
         "model": ErrorResponse,
-        "description": "Overloaded: every slot and the queue are full, or the work ahead "
-        "would not finish before the deadline at the engine's measured rate; see Retry-After.",
+        "description": "Overloaded: every slot and the queue are full, or the work queued "
+        "and running ahead would push this request past its deadline at the engine's "
+        "measured rate; see Retry-After. Never sent for a request that waiting cannot help.",
     },
     504: {"model": ErrorResponse, "description": "Past UFCAL_REQUEST_TIMEOUT_S; cancelled."},
 }
@@ -117,6 +119,18 @@ def error_response(exc: Exception, mode: str) -> JSONResponse:
         )
     if isinstance(exc, DeadlineExceeded):
         return JSONResponse({"detail": one_line(exc)}, status_code=504)
+    if isinstance(exc, DeadlineUnreachable):
+        issue = {
+            "loc": ["body", "max_prompts"],
+            "msg": str(exc),
+            "type": "deadline_unreachable",
+            "ctx": {
+                "planned_prompts": exc.planned,
+                "predicted_s": round(exc.predicted_s, 2),
+                "deadline_s": exc.timeout_s,
+            },
+        }
+        return JSONResponse({"detail": [issue]}, status_code=422)
     if isinstance(exc, EngineFeatureMissing):
         return JSONResponse({"detail": f"mode {mode!r}: {one_line(exc)}"}, status_code=400)
     if isinstance(exc, ContextOverflow):

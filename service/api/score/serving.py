@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.api.admission import DeadlineExceeded, Overloaded
+from service.api.admission import DeadlineExceeded, DeadlineUnreachable, Overloaded
 from service.api.common import ERROR_RESPONSES, AppState, app_state, error_response
 from service.api.feedback.serving import record_score
 from service.api.json_body import StrictJSONRoute
@@ -188,7 +188,7 @@ async def score_question(
             measure=_prompts_sent,
             timeout_s=state.settings.request_timeout_s,
         )
-    except (Overloaded, DeadlineExceeded) as exc:
+    except (Overloaded, DeadlineExceeded, DeadlineUnreachable) as exc:
         mode = body.mode or state.settings.mode
         reply = error_response(exc, mode)
         state.telemetry.observe_error(
@@ -269,7 +269,7 @@ async def score_batch(
             measure=lambda sent: sent,
             timeout_s=settings.request_timeout_s,
         )
-    except Overloaded as exc:
+    except (Overloaded, DeadlineUnreachable) as exc:
         return error_response(exc, mode)
     except DeadlineExceeded as exc:
         if not tasks:  # the deadline passed while the batch was queued
