@@ -42,8 +42,8 @@ class Settings(BaseSettings):
     )
     engine_url: str = Field(
         default="",
-        description="Comma-separated base URLs of vLLM OpenAI-compatible servers; "
-        "empty = in-process vLLM.",
+        description="Comma-separated base URLs of OpenAI-compatible servers (vLLM's, or "
+        "others: UFCAL_ENGINE_API); empty = in-process vLLM.",
     )
     engine_api_key: SecretStr | None = Field(
         default=None, description="Bearer key for the engine URLs."

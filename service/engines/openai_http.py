@@ -1,4 +1,4 @@
-"""Client for vLLM's OpenAI-compatible server (one or several base URLs).
+"""Client for OpenAI-compatible servers, vLLM's first (one or several base URLs).
 
 Routing over several servers (``service/engines/routing.py``): by default every prompt of
 one question (the same ``Prompt.prefix_key``) goes to the same server, chosen by rendezvous
