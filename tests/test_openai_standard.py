@@ -432,3 +432,53 @@ async def test_the_setting_selects_the_api(monkeypatch: pytest.MonkeyPatch) -> N
     assert Settings().engine_api == "auto"
     with pytest.raises(ValidationError):
         Settings(engine_api="ollama")  # type: ignore[arg-type]
+
+
+async def test_auto_reads_anything_but_vllms_version_as_standard() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/version":
+            return httpx.Response(200, text="<html>llama.cpp</html>")
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "local"}]})
+        return httpx.Response(400, json={"error": {"message": "logprobs unsupported"}})
+
+    engine = _mock_engine(handler)
+    engine._model = None
+    await engine.start()
+    assert engine.api == "openai"
+    assert engine.model == "local"
+    assert not engine.supports_letter_logprobs  # the probe was refused
+    await engine.close()
+
+
+async def test_plain_prompts_on_a_standard_completions_endpoint() -> None:
+    seen: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        top = [{"B": math.log(0.6), " A": math.log(0.3), "The": math.log(0.1)}]
+        return httpx.Response(
+            200,
+            json={
+                "choices": [{"index": 0, "text": " B", "logprobs": {"top_logprobs": top}}],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 1},
+            },
+        )
+
+    engine = _mock_engine(handler, api="openai")
+    read = (await engine.read_letters([PLAIN], [["A", "B"]]))[0]
+    assert read.logprobs == pytest.approx({"A": math.log(0.3), "B": math.log(0.6)})
+    assert read.prompt_tokens == 9
+    assert seen[-1] == {
+        "model": "m",
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "logprobs": 5,
+        "prompt": PLAIN.text,
+    }
+    out = await engine.generate([PLAIN], [GenerationParams(choices=("A", "B"))])
+    assert out[0].texts == ["B"]
+    assert "structured_outputs" not in seen[-1]
+    assert seen[-1]["prompt"] == f"{PLAIN.user}\nReply with one of: A, B.\n{PLAIN.answer_prefix}"
+    await engine.close()

@@ -331,7 +331,10 @@ class OpenAIHTTPEngine:
             else:
                 body["messages"] = standard_messages(prompt, choices)
             return "/v1/chat/completions", body
-        body["prompt"] = prompt.text
+        if self._api == "openai" and choices:
+            body["prompt"] = f"{prompt.user}{_choices_line(choices)}\n{prompt.answer_prefix}"
+        else:
+            body["prompt"] = prompt.text
         return "/v1/completions", body
 
     async def _post_standard(self, path: str, body: dict[str, Any], key: str | None) -> Any:
@@ -601,10 +604,7 @@ def standard_messages(prompt: Prompt, choices: Sequence[str] | None = None) -> l
     choices (when restricted) are listed and the pre-fill becomes the user turn's last line,
     as in the plain-text form; the reply then starts a fresh assistant turn. The format is
     asked for, not forced."""
-    user = prompt.user
-    if choices:
-        listed = list(dict.fromkeys(c.strip() for c in choices if c.strip()))
-        user += f"\nReply with one of: {', '.join(listed)}."
+    user = prompt.user + _choices_line(choices)
     if prompt.answer_prefix:
         user += f"\n{prompt.answer_prefix}"
     msgs: list[dict[str, str]] = []
@@ -612,6 +612,12 @@ def standard_messages(prompt: Prompt, choices: Sequence[str] | None = None) -> l
         msgs.append({"role": "system", "content": prompt.system_prompt})
     msgs.append({"role": "user", "content": user})
     return msgs
+
+
+def _choices_line(choices: Sequence[str] | None) -> str:
+    """Standard mode: the line that lists the allowed replies (none when unrestricted)."""
+    listed = list(dict.fromkeys(c.strip() for c in choices or () if c.strip()))
+    return f"\nReply with one of: {', '.join(listed)}." if listed else ""
 
 
 def strip_echoed_prefix(reply: str, answer_prefix: str) -> str:
