@@ -15,6 +15,7 @@ from service.calibration.prompts import SUBSTITUTE_TEXT, PromptTemplate
 Mode = Literal["auto", "logprobs", "sampling"]
 Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 Routing = Literal["affinity", "round_robin"]  # service/engines/routing.py
+EngineAPI = Literal["auto", "vllm", "openai"]  # service/engines/openai_http.py
 
 
 def _default_cache() -> Path:
@@ -41,13 +42,20 @@ class Settings(BaseSettings):
     )
     engine_url: str = Field(
         default="",
-        description="Comma-separated base URLs of vLLM OpenAI-compatible servers; "
-        "empty = in-process vLLM.",
+        description="Comma-separated base URLs of OpenAI-compatible servers (vLLM's, or "
+        "others: UFCAL_ENGINE_API); empty = in-process vLLM.",
     )
     engine_api_key: SecretStr | None = Field(
         default=None, description="Bearer key for the engine URLs."
     )
     engine_timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one engine call.")
+    engine_api: EngineAPI = Field(
+        default="auto",
+        description="What the engine URLs speak: vllm = vLLM's OpenAI server with its "
+        "extensions, openai = standard OpenAI fields only (Ollama, llama.cpp, TGI, hosted "
+        "APIs; docs/engines.md says what is lost), auto = ask the first server's GET /version "
+        "once at start (vLLM answers it).",
+    )
     engine_routing: Routing = Field(
         default="affinity",
         description="Several engine URLs: affinity = every prompt of a question to one server "

@@ -215,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model=settings.served_model,
             timeout_s=args.timeout_s,
             routing=routing,
+            api=settings.engine_api,
         )
 
     started = time.perf_counter()

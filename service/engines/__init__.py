@@ -10,9 +10,10 @@ from service.engines.base import Engine
 
 
 async def build_engine(settings: Settings) -> Engine:
-    """The engine the settings select: remote vLLM servers when ``UFCAL_ENGINE_URL`` is
-    set, else in-process vLLM on ``UFCAL_MODEL`` (default: the embedded model, converted
-    on first use). The engine is not started."""
+    """The engine the settings select: remote OpenAI-compatible servers (vLLM's, or
+    standard ones per ``UFCAL_ENGINE_API``) when ``UFCAL_ENGINE_URL`` is set, else
+    in-process vLLM on ``UFCAL_MODEL`` (default: the embedded model, converted on first
+    use). The engine is not started."""
     if settings.engine_urls:
         from service.engines.openai_http import OpenAIHTTPEngine
 
@@ -26,6 +27,7 @@ async def build_engine(settings: Settings) -> Engine:
             retry_s=settings.engine_retry_s,
             routing=settings.engine_routing,
             load_guard=settings.engine_load_guard,
+            api=settings.engine_api,
         )
     from service.engines.embedded import EMBEDDED_MODEL_ID, prepare_embedded_model
     from service.engines.vllm_local import LocalEngineConfig, LocalVLLMEngine
