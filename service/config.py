@@ -94,6 +94,14 @@ class Settings(BaseSettings):
     few_shot: str = Field(default="", description="Text placed before every question.")
     substitute_text: str = SUBSTITUTE_TEXT
 
+    # Free-form questions (service/scoring_freeform.py)
+    freeform_nli_model: Path | None = Field(
+        default=None,
+        description="Local folder of an NLI cross-encoder (e.g. DeBERTa-MNLI) that groups "
+        "free-form answers by bidirectional entailment; empty = the engine's own model "
+        "judges (yes/no).",
+    )
+
     # Evaluation (ufcal eval)
     data_dir: Path = Field(
         default=Path("../shared/data/mcqa"),
