@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from service.bench.histograms import accuracy, histogram
 from service.bench.overhead import free_port
 from service.config import Settings
 from service.evaluation.data import load_mcqa
@@ -69,6 +70,7 @@ async def _burst(base: str, items: list[Any], warm: list[Any]) -> dict[str, Any]
         warmed = await asyncio.gather(*(client.post("/score", json=_body(i)) for i in warm))
         metrics = (await client.get("/metrics")).text
         rate_before = _metric(metrics, "ufcal_engine_prompts_per_second")
+        predicted_before = histogram(metrics)
         latencies: dict[int, list[float]] = {}
 
         async def one(item: Any) -> int:
@@ -95,6 +97,7 @@ async def _burst(base: str, items: list[Any], warm: list[Any]) -> dict[str, Any]
         "answered_p50_s": round(ok_latency[len(ok_latency) // 2], 2) if ok_latency else None,
         "answered_max_s": round(ok_latency[-1], 2) if ok_latency else None,
         "refused_max_s": round(max(latencies.get(429, [0.0])), 3),
+        "prediction": accuracy(predicted_before, histogram(metrics)),
     }
 
 

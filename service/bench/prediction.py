@@ -1,0 +1,112 @@
+"""How well admission predicts a request's finish time (issue 20), on ``ufcal serve`` with
+the default settings and the in-process engine (what ``make serve`` runs)::
+
+    python -m service.bench.prediction [--rounds 2] [--out reports/prediction.json]
+
+1. start a fresh ``ufcal serve``; cold: two 4-option questions, then 11, 13 and 26 options
+   one at a time in both modes (the issue's sequence; nothing else running);
+2. warm: ``--rounds`` more passes of the same sequence on other questions.
+
+For each phase: the replies by status, and the error of the prediction from the service's
+own histogram ``ufcal_admission_predicted_over_actual`` (predicted / actual seconds from
+arrival to reply; requests admitted before the rate was measured are not in it): the share
+within 0.5x to 2x, and the median and p90 of the ratio, interpolated within its buckets.
+Prints the figures and writes them as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.bench.burst import _wait_ready
+from service.bench.histograms import accuracy, histogram
+from service.bench.overhead import free_port
+from service.bench.questions import questions_with_options
+
+SEQUENCE = [(4, "logprobs"), (4, "logprobs")] + [
+    (m, mode) for mode in ("logprobs", "sampling") for m in (11, 13, 26)
+]
+
+
+async def _phase(client: httpx.AsyncClient, data: Path, offset: int) -> dict[str, Any]:
+    before = histogram((await client.get("/metrics")).text)
+    codes: Counter[int] = Counter()
+    seconds: list[float] = []
+    for m, mode in SEQUENCE:
+        question = questions_with_options(data, m, offset + 1)[offset]
+        body = {"question": question.question, "options": list(question.options), "mode": mode}
+        started = time.perf_counter()
+        reply = await client.post("/score", json=body)
+        seconds.append(round(time.perf_counter() - started, 2))
+        codes[reply.status_code] += 1
+    after = histogram((await client.get("/metrics")).text)
+    return {
+        "by_status": {str(k): v for k, v in sorted(codes.items())},
+        "seconds": seconds,
+        **accuracy(before, after),
+    }
+
+
+async def _run(base: str, data: Path, rounds: int, start_timeout: float, server: Any) -> Any:
+    await _wait_ready(base, start_timeout, server)
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        cold = await _phase(client, data, 0)
+        before = histogram((await client.get("/metrics")).text)
+        warm_rounds = [await _phase(client, data, 1 + r) for r in range(rounds)]
+        after = histogram((await client.get("/metrics")).text)
+    return {"cold": cold, "warm_rounds": warm_rounds, "warm": accuracy(before, after)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--data", default="../shared/data/mcqa")
+    parser.add_argument("--out", default="reports/prediction.json")
+    parser.add_argument("--start-timeout", type=float, default=900.0)
+    args = parser.parse_args(argv)
+    port = free_port()
+    scratch = tempfile.mkdtemp(prefix="ufcal-prediction-")
+    env = {
+        **os.environ,
+        "UFCAL_LOG_LEVEL": "warning",
+        "UFCAL_DB_PATH": str(Path(scratch) / "ufcal.db"),
+    }
+    server = subprocess.Popen(  # noqa: S603 # fixed argv: this interpreter, our module
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        report = asyncio.run(
+            _run(
+                f"http://127.0.0.1:{port}", Path(args.data), args.rounds, args.start_timeout, server
+            )
+        )
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(60)
+        shutil.rmtree(scratch, ignore_errors=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
