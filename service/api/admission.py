@@ -14,12 +14,18 @@ Bounds, all upper bounds:
   the default budget) holds as much of the engine as five 4-option ones (13 each);
 * large requests (more work than ``slot_work``, one standard question) together hold at
   most half of ``work_capacity``, so standard questions always find room: a flood of big
-  questions cannot starve them (their predicted wait is taken at half the rate);
+  questions cannot starve them (while other work competes, their predicted wait is taken
+  at half the rate);
 * time: with the engine's rate measured (``RateMeter``, prompts per busy second), a request
   is admitted only if the work ahead of it plus its own is predicted to finish before its
   deadline. Smaller work is served first; a queued request that later, smaller arrivals
   push past its deadline is refused then (429, before it cost the engine anything) instead
   of timing out at the engine.
+
+On an idle engine (nothing running or queued) a request runs whenever its own work fits
+its deadline, and the deadline decides; a request whose own work alone is predicted past
+its deadline is refused with ``DeadlineUnreachable`` (HTTP 422 at ``max_prompts``), never
+429, since no wait would help.
 
 A request is admitted when predicted to finish within ``deadline_share`` (80 %) of the time
 it has left: the rate moves with the load, and the prediction is of the whole work, while
@@ -101,9 +107,9 @@ class RateMeter:
     requests that overlap count once. The rate is the weighted median of the last
     ``buckets`` buckets' figures (weights: their prompts, times ``decay`` per bucket of
     age), so a single slow batch moves it by at most its own prompts' votes, however long
-    it stalled, and the newest buckets count most. The first ``warmup`` requests to finish (the cold start: first batches, empty
-    prefix cache) and the busy time before them are not counted. None until one bucket
-    after the warm-up is full."""
+    it stalled, and the newest buckets count most. The first ``warmup`` requests to finish
+    (the cold start: first batches, empty prefix cache) and the busy time before them are
+    not counted. None until one bucket after the warm-up is full."""
 
     def __init__(
         self,
