@@ -247,7 +247,9 @@ class StandardServer:
             make_app(self.script, self.requests),
             host="127.0.0.1",
             port=self.port,
-            log_level="warning",
+            log_level=None,
+            log_config=None,  # uvicorn's own config would rewire the test process's loggers
+            access_log=False,
             lifespan="off",
         )
         self._server = uvicorn.Server(config)
