@@ -17,12 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,7 +26,7 @@ from typing import Any
 import httpx
 
 from service.bench.histograms import accuracy, histogram
-from service.bench.overhead import free_port
+from service.bench.serve_process import serve_process
 from service.config import Settings
 from service.evaluation.data import load_mcqa
 
@@ -40,21 +35,6 @@ WARM = 16
 
 def _body(item: Any) -> dict[str, Any]:
     return {"question": item.question, "options": list(item.options), "method": "uf"}
-
-
-async def _wait_ready(base: str, timeout_s: float, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(base_url=base, timeout=5) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"ufcal serve exited with {process.returncode}")
-            try:
-                if (await client.get("/readyz")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(1.0)
-    raise RuntimeError(f"ufcal serve not ready after {timeout_s} s")
 
 
 def _metric(text: str, name: str) -> float | None:
@@ -132,29 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     warm, burst = rows[:WARM], rows[WARM : WARM + args.requests]
     b_items = rows[WARM + args.requests : WARM + args.requests + args.b_questions]
 
-    port = free_port()
-    scratch = tempfile.mkdtemp(prefix="ufcal-burst-")
-    env = {
-        **os.environ,
-        "UFCAL_LOG_LEVEL": "warning",
-        "UFCAL_DB_PATH": str(Path(scratch) / "ufcal.db"),
-    }
-    server = subprocess.Popen(  # noqa: S603 # fixed argv: this interpreter, our module
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        asyncio.run(_wait_ready(base, args.start_timeout, server))
+    with serve_process("burst", args.start_timeout) as base:
         print("burst ...", file=sys.stderr, flush=True)
         burst_figures = asyncio.run(_burst(base, burst, warm))
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(60)
-        shutil.rmtree(scratch, ignore_errors=True)
     print("variant b ...", file=sys.stderr, flush=True)
     b = asyncio.run(_variant_b(b_items))
     ratio = burst_figures["goodput_questions_per_s"] / b["questions_per_s"]

@@ -18,12 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,10 +26,9 @@ from typing import Any
 
 import httpx
 
-from service.bench.burst import _wait_ready
 from service.bench.histograms import accuracy, histogram
-from service.bench.overhead import free_port
 from service.bench.questions import questions_with_options
+from service.bench.serve_process import serve_process
 
 SEQUENCE = [(4, "logprobs"), (4, "logprobs")] + [
     (m, mode) for mode in ("logprobs", "sampling") for m in (11, 13, 26)
@@ -60,8 +54,7 @@ async def _phase(client: httpx.AsyncClient, data: Path, offset: int) -> dict[str
     }
 
 
-async def _run(base: str, data: Path, rounds: int, start_timeout: float, server: Any) -> Any:
-    await _wait_ready(base, start_timeout, server)
+async def _run(base: str, data: Path, rounds: int) -> Any:
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
         cold = await _phase(client, data, 0)
         before = histogram((await client.get("/metrics")).text)
@@ -77,30 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="reports/prediction.json")
     parser.add_argument("--start-timeout", type=float, default=900.0)
     args = parser.parse_args(argv)
-    port = free_port()
-    scratch = tempfile.mkdtemp(prefix="ufcal-prediction-")
-    env = {
-        **os.environ,
-        "UFCAL_LOG_LEVEL": "warning",
-        "UFCAL_DB_PATH": str(Path(scratch) / "ufcal.db"),
-    }
-    server = subprocess.Popen(  # noqa: S603 # fixed argv: this interpreter, our module
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        report = asyncio.run(
-            _run(
-                f"http://127.0.0.1:{port}", Path(args.data), args.rounds, args.start_timeout, server
-            )
-        )
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(60)
-        shutil.rmtree(scratch, ignore_errors=True)
+    with serve_process("prediction", args.start_timeout) as base:
+        report = asyncio.run(_run(base, Path(args.data), args.rounds))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
