@@ -109,6 +109,16 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _issue_422(
+    loc: list[str], msg: str, kind: str, ctx: dict[str, Any] | None = None
+) -> JSONResponse:
+    """A 422 with one validation-shaped issue at ``loc``."""
+    issue: dict[str, Any] = {"loc": loc, "msg": msg, "type": kind}
+    if ctx is not None:
+        issue["ctx"] = ctx
+    return JSONResponse({"detail": [issue]}, status_code=422)
+
+
 def error_response(exc: Exception, mode: str) -> JSONResponse:
     """The HTTP reply for a scoring failure (500 for a bug: logged, never shown)."""
     if isinstance(exc, Overloaded):
@@ -120,34 +130,19 @@ def error_response(exc: Exception, mode: str) -> JSONResponse:
     if isinstance(exc, DeadlineExceeded):
         return JSONResponse({"detail": one_line(exc)}, status_code=504)
     if isinstance(exc, DeadlineUnreachable):
-        issue = {
-            "loc": ["body", "max_prompts"],
-            "msg": str(exc),
-            "type": "deadline_unreachable",
-            "ctx": {
-                "planned_prompts": exc.planned,
-                "predicted_s": round(exc.predicted_s, 2),
-                "deadline_s": exc.timeout_s,
-            },
+        ctx = {
+            "planned_prompts": exc.planned,
+            "predicted_s": round(exc.predicted_s, 2),
+            "deadline_s": exc.timeout_s,
         }
-        return JSONResponse({"detail": [issue]}, status_code=422)
+        return _issue_422(["body", "max_prompts"], str(exc), "deadline_unreachable", ctx)
     if isinstance(exc, EngineFeatureMissing):
         return JSONResponse({"detail": f"mode {mode!r}: {one_line(exc)}"}, status_code=400)
     if isinstance(exc, ContextOverflow):
-        issue = {
-            "loc": ["body", "question"],
-            "msg": str(exc),
-            "type": "context_length_exceeded",
-            "ctx": {
-                "prompt_tokens": exc.prompt_tokens,
-                "new_tokens": exc.new_tokens,
-                "limit": exc.limit,
-            },
-        }
-        return JSONResponse({"detail": [issue]}, status_code=422)
+        ctx = {"prompt_tokens": exc.prompt_tokens, "new_tokens": exc.new_tokens, "limit": exc.limit}
+        return _issue_422(["body", "question"], str(exc), "context_length_exceeded", ctx)
     if isinstance(exc, EngineRejected):
-        issue = {"loc": ["body"], "msg": one_line(exc), "type": "engine_rejected"}
-        return JSONResponse({"detail": [issue]}, status_code=422)
+        return _issue_422(["body"], one_line(exc), "engine_rejected")
     if isinstance(exc, EngineUnavailable | ServiceUnavailable):
         return JSONResponse(
             {"detail": one_line(exc)}, status_code=503, headers={"Retry-After": "5"}
