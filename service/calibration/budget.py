@@ -88,3 +88,22 @@ def fit_round(
     by_likelihood = sorted(active, key=lambda i: (-distribution[i], i))
     sent = set(by_likelihood[: max(0, remaining)])
     return [s for s in active if s in sent], [s for s in active if s not in sent]
+
+
+#: The sizes of one standard prompt (a 4-option question of ordinary length), in bytes.
+STANDARD_QUESTION_BYTES = 120
+STANDARD_OPTION_BYTES = 4 * 25
+
+
+def prompt_size(question_bytes: int, option_bytes: Sequence[int]) -> float:
+    """The relative engine cost of one prompt of a question, 1.0 for a standard 4-option
+    one, from text lengths alone (known before any engine call): what admission predicts
+    time by. Its prompts share the question's prefix, which the engine's prefix cache
+    serves after the first, so the options (one of them replaced in each chain step) and
+    the instruction after them are what each prompt costs; the question counts a fifth."""
+    standard = PROMPT_OVERHEAD_BYTES + STANDARD_QUESTION_BYTES / 5 + STANDARD_OPTION_BYTES
+    own = PROMPT_OVERHEAD_BYTES + question_bytes / 5 + sum(option_bytes)
+    return own / standard
+
+
+PROMPT_OVERHEAD_BYTES = 200  # the option labels, the instruction and the answer prefix

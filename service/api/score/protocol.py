@@ -130,6 +130,18 @@ class UsageOut(BaseModel):
         ge=0,
         description="Chains ended early because their next step would pass the budget.",
     )
+    max_prompts: int = Field(
+        default=0,
+        ge=0,
+        description="The work budget the question ran under (0: none): the request's "
+        "max_prompts, else UFCAL_MAX_PROMPTS_PER_QUESTION, or less when budget_fitted.",
+    )
+    budget_fitted: bool = Field(
+        default=False,
+        description="The request set no max_prompts and the default budget would not have "
+        "finished before the deadline at the engine's measured rate, so it was lowered to "
+        "what is predicted to (fewer chain starts or shorter chains: see dropped_mass).",
+    )
 
 
 class CalibratorOut(BaseModel):
