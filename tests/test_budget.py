@@ -239,3 +239,15 @@ def test_eval_report_counts_budget_hits(tmp_path: Path) -> None:
     assert summary.budget_hits == 1
     table = budget_table([summary], 64)
     assert "| tqa | uf | logprobs | 2 | 1 | 0.500 | 0.1000 |" in table
+
+
+def test_a_prompt_s_size_grows_with_its_options_not_its_cached_question() -> None:
+    from service.calibration.budget import prompt_size
+
+    standard = prompt_size(120, [25] * 4)
+    assert standard == pytest.approx(1.0)
+    # 26 options of the same length: several standard prompts' worth of engine work
+    assert 1.8 < prompt_size(120, [25] * 26) < 3.0
+    # a long question is served from the prefix cache after its first prompt: it counts little
+    assert prompt_size(1200, [25] * 4) < 2.5 * standard
+    assert prompt_size(120, [250] * 4) > 2 * standard

@@ -106,4 +106,8 @@ def prompt_size(question_bytes: int, option_bytes: Sequence[int]) -> float:
     return own / standard
 
 
-PROMPT_OVERHEAD_BYTES = 200  # the option labels, the instruction and the answer prefix
+# The option labels, the instruction and the answer prefix, and the engine's own cost per
+# prompt (a step's latency floor), in bytes of options: fitted to the 2-core CPU engine's
+# seconds per prompt alone at 4, 11, 13 and 26 options (0.13, 0.15, 0.19, 0.31 s;
+# docs/performance.md), linear in the option bytes, within 25 % of each.
+PROMPT_OVERHEAD_BYTES = 300
