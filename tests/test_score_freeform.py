@@ -13,7 +13,12 @@ import pytest
 from fastapi.responses import JSONResponse
 
 from service.api.common import AppState
-from service.api.score.protocol import AnswerNotAnOption, ScoreRequest, option_index
+from service.api.score.protocol import (
+    AnswerNotAnOption,
+    ScoreRequest,
+    ScoreResponse,
+    option_index,
+)
 from service.api.score.serving import planned_work, score_request
 from service.calibration import budget, uf
 from service.calibration.freeform import ABSTAIN_OPTION
@@ -386,6 +391,17 @@ async def test_score_request_called_directly_checks_the_joint_rules() -> None:
         reply = await score_request(state, body)
     assert isinstance(reply, JSONResponse) and reply.status_code == 422
     assert [e["loc"] for e in json.loads(bytes(reply.body))["detail"]] == [["body", "answer"]]
+
+
+async def test_openapi_has_free_form_examples() -> None:
+    async with serve(white_box()) as client:
+        schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
+    requests = [ScoreRequest.model_validate(e) for e in schemas["ScoreRequest"]["examples"]]
+    assert [r.task for r in requests].count("free_form") >= 1
+    assert [e["task"] for e in schemas["ScoreResponse"]["examples"]] == ["free_form"]
+    # The served copy leaves out the nulls; the model's own is whole and valid.
+    (example,) = ScoreResponse.model_json_schema()["examples"]
+    check_free_form(ScoreResponse.model_validate(example).model_dump(mode="json"))
 
 
 def test_option_index_rules() -> None:

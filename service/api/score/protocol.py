@@ -327,8 +327,87 @@ class CalibratorOut(BaseModel):
     labels: int = Field(description="Labels it was fitted on.")
 
 
+_FREEFORM_EXAMPLE = {
+    "id": "ff-1",
+    "task": "free_form",
+    "answer": {"index": 0, "label": "A", "text": "Canberra"},
+    "confidence": 0.36,
+    "raw_confidence": 0.36,
+    "calibrator": None,
+    "uncertainty": 0.55,
+    "distribution": {"A": 0.7, "B": 0.3, "C": 0.0},
+    "fidelity": {"A": 0.8, "B": 0.2, "C": 0.0},
+    "chains": {"A": ["A"], "B": ["B", "A"]},
+    "method": "uf",
+    "mode": "logprobs",
+    "model": "SmolLM2-135M-Instruct",
+    "usage": {
+        "engine_calls": 6,
+        "prompts": 10,
+        "unparsed": 0,
+        "prompt_tokens": 282,
+        "completion_tokens": 19,
+        "budget_hit": False,
+        "dropped_mass": 0.0,
+        "chains_cut": 0,
+    },
+    "latency_ms": 812.4,
+    "given": {
+        "answer": "Sydney",
+        "index": 2,
+        "match": "absent",
+        "confidence": 0.0,
+        "raw_confidence": 0.0,
+    },
+    "groups": [
+        {
+            "label": "A",
+            "representative": "Canberra",
+            "members": ["Canberra", "canberra, the capital"],
+            "count": 7,
+            "confidence": 0.36,
+            "raw_confidence": 0.36,
+            "given": False,
+        },
+        {
+            "label": "B",
+            "representative": "Melbourne",
+            "members": ["Melbourne"],
+            "count": 3,
+            "confidence": 0.09,
+            "raw_confidence": 0.09,
+            "given": False,
+        },
+        {
+            "label": "C",
+            "representative": "Sydney",
+            "members": ["Sydney"],
+            "count": 0,
+            "confidence": 0.0,
+            "raw_confidence": 0.0,
+            "given": True,
+        },
+    ],
+    "free_form": {
+        "samples_taken": 10,
+        "samples_usable": 10,
+        "judge_prompts": 4,
+        "judge_rounds": 2,
+        "judge_skipped": 0,
+        "dropped_groups": 0,
+        "dropped_samples": 0,
+        "largest_group_share": 0.7,
+        "semantic_entropy": 0.61,
+        "semantic_entropy_normalized": 0.27,
+        "abstention": None,
+    },
+}
+
+
 class ScoreResponse(BaseModel):
     """The answer, its calibrated confidence and every part behind it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_FREEFORM_EXAMPLE]})
 
     id: str
     task: Task = Field(
