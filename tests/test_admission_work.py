@@ -129,6 +129,43 @@ async def test_what_no_wait_would_fit_is_refused_as_unreachable_not_overloaded()
         pass
 
 
+def test_prompts_weigh_by_their_size() -> None:
+    clock = Clock()
+    meter = RateMeter(clock=clock, warmup=0)
+    meter.running(1)
+    clock.now += 10.0
+    meter.finished(100, 100, size=2.0)  # 100 prompts of twice the standard cost in 10 s
+    meter.running(-1)
+    assert meter.seconds_per_prompt() == pytest.approx(0.1)
+    assert meter.seconds_per_unit() == pytest.approx(0.05)
+    admission = Admission(16, 64, meter=meter, clock=clock)
+    # a prompt of 26 long options costs what several of 4 short ones do
+    assert admission.predicted_s(10, size=4.0) == pytest.approx(4 * admission.predicted_s(10))
+    assert admission.predicted_s(10, size=0.5) == pytest.approx(0.25)
+
+
+def test_the_prompts_that_fit_a_deadline() -> None:
+    admission = _admission(Clock(), rate=2.0)  # 0.5 s a standard prompt
+    assert admission.prompts_within(20.0) == 32  # 80 % of 20 s
+    assert admission.prompts_within(20.0, size=2.0) == 16
+    assert _admission(Clock(), rate=None).prompts_within(20.0) is None  # not measured yet
+
+
+async def test_the_queue_serves_the_smallest_time_first() -> None:
+    admission = _admission(Clock(), metered=False, capacity=1)
+    order: list[float] = []
+
+    async def one(work: int, size: float) -> None:
+        async with admission.slot(1, work, size=size):
+            order.append(work * size)
+
+    async with admission.slot(1, 13):
+        tasks = [asyncio.create_task(one(w, z)) for w, z in ((13, 4.0), (30, 1.0), (13, 1.0))]
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    assert order == [13.0, 30.0, 52.0]
+
+
 async def test_refused_at_once_when_the_work_ahead_misses_the_deadline() -> None:
     clock = Clock()
     admission = _admission(clock)  # 100 prompts/s
@@ -320,3 +357,34 @@ async def test_a_flood_of_26_option_requests_gets_the_429s(
         if line.startswith("ufcal_engine_prompts_per_second ")
     )
     assert 0 < rate <= ENGINE_BATCH / COST_S * 1.05
+
+
+async def test_an_idle_service_fits_the_default_budget_to_the_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="ufcal.score")
+    # ~0.1 s an engine round: a 26-option question's 64 planned prompts are predicted at
+    # about 5 s, past 80 % of the 2 s deadline, though nothing else runs.
+    settings = _settings(request_timeout_s=2.0, log_level="warning")
+    async with serve(FixedCostEngine(), settings) as client:
+        for _ in range(12):  # a service in use: its rate is measured
+            assert (await client.post("/score", json=_question(4))).status_code == 200
+        fitted = await client.post("/score", json=_question(26))
+        assert fitted.status_code == 200, fitted.text
+        usage = fitted.json()["usage"]
+        assert usage["budget_fitted"] is True and usage["budget_hit"] is True
+        assert 2 <= usage["max_prompts"] < 64 and usage["prompts"] <= usage["max_prompts"]
+        # a small question fits as it is: its budget stays the configured one
+        small = (await client.post("/score", json=_question(4))).json()["usage"]
+        assert (small["budget_fitted"], small["max_prompts"]) == (False, 64)
+        # a budget the client chose stands, and what cannot fit is said so: 422, not 429
+        chosen = await client.post("/score", json={**_question(26), "max_prompts": 64})
+        assert chosen.status_code == 422, chosen.text
+        (issue,) = chosen.json()["detail"]
+        assert issue["type"] == "deadline_unreachable" and issue["loc"] == ["body", "max_prompts"]
+        # a batch shares its one deadline: its default budgets are fitted together
+        batch = await client.post("/score/batch", json={"items": [_question(26)] * 2})
+        assert batch.status_code == 200, batch.text
+        results = [item["result"] for item in batch.json()["results"]]
+        assert all(r is not None and r["usage"]["budget_fitted"] for r in results)
+        assert sum(r["usage"]["max_prompts"] for r in results) <= usage["max_prompts"] + 2

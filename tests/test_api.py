@@ -53,6 +53,8 @@ RESPONSE_FIELDS = {
     "free_form",
 }
 USAGE_FIELDS = {
+    "max_prompts",
+    "budget_fitted",
     "engine_calls",
     "prompts",
     "unparsed",
@@ -164,6 +166,8 @@ async def test_score_returns_the_whole_contract() -> None:
         "budget_hit": False,
         "dropped_mass": 0.0,
         "chains_cut": 0,
+        "max_prompts": 64,
+        "budget_fitted": False,
     }
     assert isinstance(body["latency_ms"], float)
     assert body["latency_ms"] >= 0.0

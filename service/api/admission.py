@@ -16,11 +16,12 @@ Bounds, all upper bounds:
   most half of ``work_capacity``, so standard questions always find room: a flood of big
   questions cannot starve them (while other work competes, their predicted wait is taken
   at half the rate);
-* time: with the engine's rate measured (``RateMeter``, prompts per busy second), a request
-  is admitted only if the work ahead of it plus its own is predicted to finish before its
-  deadline. Smaller work is served first; a queued request that later, smaller arrivals
-  push past its deadline is refused then (429, before it cost the engine anything) instead
-  of timing out at the engine.
+* time: with the engine's rate measured (``RateMeter``, busy seconds per unit: a prompt
+  weighed by its ``size``, ``budget.prompt_size``), a request is admitted only if the work
+  ahead of it plus its own is predicted to finish before its deadline (``prompts_within``
+  tells how many prompts would, to fit a default budget). Smaller work is served first; a
+  queued request that later, smaller arrivals push past its deadline is refused then (429,
+  before it cost the engine anything) instead of timing out at the engine.
 
 On an idle engine (nothing running or queued) a request runs whenever its own work fits
 its deadline, and the deadline decides; a request whose own work alone is predicted past
@@ -97,13 +98,15 @@ class DeadlineExceeded(Exception):
 
 
 class RateMeter:
-    """The engine's measured throughput, as a prediction can trust it: seconds per prompt,
-    taken in busy time (time with at least one request running, so an idle gap counts
-    nothing), and the share of the planned prompts that requests actually sent (``fill``;
-    plans are upper bounds).
+    """The engine's measured throughput, as a prediction can trust it: seconds per unit of
+    work, taken in busy time (time with at least one request running, so an idle gap counts
+    nothing), and the share of the planned work that requests actually sent (``fill``;
+    plans are upper bounds). A request's unit is its prompts times its ``size``, the
+    relative cost of one of its prompts (``budget.prompt_size``: a prompt of 26 long options
+    costs the engine several times one of four short ones); size 1 counts prompts.
 
     Finished requests are gathered into buckets of at least ``min_busy_s`` busy seconds and
-    ``min_prompts`` prompts; a bucket's figure is its busy seconds over its prompts, so
+    ``min_prompts`` prompts; a bucket's figure is its busy seconds over its units, so
     requests that overlap count once. The rate is the weighted median of the last
     ``buckets`` buckets' figures (weights: their prompts, times ``decay`` per bucket of
     age), so a single slow batch moves it by at most its own prompts' votes, however long
@@ -129,12 +132,14 @@ class RateMeter:
         self._running = 0
         self._busy_since: float | None = None
         self._busy = 0.0  # busy seconds before _busy_since
-        # the open bucket: (prompts, planned) since, and the busy total at its start
+        # the open bucket: prompts, units and planned units since, the busy total at its start
         self._open_prompts = 0
-        self._open_planned = 0
+        self._open_units = 0.0
+        self._open_planned = 0.0
         self._open_busy = 0.0
-        # closed buckets, oldest first: (busy seconds, prompts, planned)
-        self._buckets: deque[tuple[float, int, int]] = deque(maxlen=buckets)
+        # closed buckets, oldest first: (busy seconds, prompts, units, planned units)
+        self._buckets: deque[tuple[float, int, float, float]] = deque(maxlen=buckets)
+        self._per_unit: float | None = None
         self._per_prompt: float | None = None
         self._fill = 1.0
 
@@ -152,33 +157,46 @@ class RateMeter:
             self._busy += now - self._busy_since
             self._busy_since = None
 
-    def finished(self, prompts: int, planned: int) -> None:
-        """A request finished after sending ``prompts`` of its ``planned`` prompts."""
+    def finished(self, prompts: int, planned: int, size: float = 1.0) -> None:
+        """A request finished after sending ``prompts`` of its ``planned`` prompts, each of
+        ``size`` units."""
         busy = self._busy_now(self._clock())
         if self._warmup_left > 0:  # the cold start: drop it and what ran beside it
             self._warmup_left -= 1
             self._open_busy = busy
             return
+        size = max(0.0, size)
         self._open_prompts += max(0, prompts)
-        self._open_planned += max(0, planned)
+        self._open_units += max(0, prompts) * size
+        self._open_planned += max(0, planned) * size
         spent = busy - self._open_busy
         if self._open_prompts < self.min_prompts or spent < self.min_busy_s:
             return
-        self._buckets.append((spent, self._open_prompts, self._open_planned))
-        self._open_prompts = self._open_planned = 0
+        if self._open_units > 0:
+            self._buckets.append((spent, self._open_prompts, self._open_units, self._open_planned))
+        self._open_prompts = 0
+        self._open_units = self._open_planned = 0.0
         self._open_busy = busy
-        self._per_prompt = _weighted_median(
-            [
-                (s / p, p * self.decay ** (len(self._buckets) - 1 - i))
-                for i, (s, p, _) in enumerate(self._buckets)
-            ]
+        if not self._buckets:
+            return
+        age = len(self._buckets) - 1
+        self._per_unit = _weighted_median(
+            [(s / u, u * self.decay ** (age - i)) for i, (s, _, u, _) in enumerate(self._buckets)]
         )
-        sent = sum(p for _, p, _ in self._buckets)
-        planned_total = sum(q for _, _, q in self._buckets)
+        self._per_prompt = _weighted_median(
+            [(s / p, p * self.decay ** (age - i)) for i, (s, p, _, _) in enumerate(self._buckets)]
+        )
+        sent = sum(u for _, _, u, _ in self._buckets)
+        planned_total = sum(q for _, _, _, q in self._buckets)
         self._fill = min(1.0, sent / planned_total) if planned_total > 0 and sent > 0 else 1.0
 
+    def seconds_per_unit(self) -> float | None:
+        """Busy seconds per unit of work sent, or None while too little was measured."""
+        return self._per_unit
+
     def seconds_per_prompt(self) -> float | None:
-        """Busy seconds per prompt sent, or None while too little was measured."""
+        """Busy seconds per prompt sent, whatever its size (None while too little was
+        measured): what the engine did, for the gauge; predictions use units."""
         return self._per_prompt
 
     def rate(self) -> float | None:
@@ -187,7 +205,7 @@ class RateMeter:
         return None if per_prompt is None or per_prompt <= 0 else 1.0 / per_prompt
 
     def fill(self) -> float:
-        """Prompts sent per planned prompt (1.0 until measured)."""
+        """Units sent per planned unit (1.0 until measured)."""
         return self._fill
 
 
@@ -207,14 +225,15 @@ def _weighted_median(values: list[tuple[float, float]]) -> float:
 class _Waiter:
     slots: int
     work: int
+    units: float
     deadline: float
     order: int
     future: asyncio.Future[None] = field(repr=False)
 
     @property
-    def key(self) -> tuple[int, int]:
-        """Queue order: smallest work first, then arrival."""
-        return (self.work, self.order)
+    def key(self) -> tuple[float, int]:
+        """Queue order: smallest work (in units, the predicted time) first, then arrival."""
+        return (self.units, self.order)
 
 
 class Admission:
@@ -249,6 +268,7 @@ class Admission:
         self.queued = 0
         self.work_in_use = 0
         self.work_queued = 0
+        self.units_in_use = 0.0  # planned prompts times their size: what time is predicted by
         self.rejected = 0
         self.rejected_for_time = 0
         self._accuracy: Histogram | None = None  # set by export
@@ -268,43 +288,55 @@ class Admission:
         """Seconds a refused client should wait: about one queue turnover, at least 1."""
         return max(self.retry_after_s, math.ceil(self.queued / self.capacity))
 
-    def seconds_per_prompt(self) -> float | None:
-        """Predicted engine seconds per planned prompt, None until the rate is measured."""
+    def seconds_per_unit(self) -> float | None:
+        """Predicted engine seconds per planned unit (a planned prompt of size 1), None
+        until the rate is measured."""
         if self.meter is None:
             return None
-        per_prompt = self.meter.seconds_per_prompt()
-        if per_prompt is None or per_prompt <= 0:
+        per_unit = self.meter.seconds_per_unit()
+        if per_unit is None or per_unit <= 0:
             return None
-        return self.meter.fill() * per_prompt
+        return self.meter.fill() * per_unit
 
     def is_large(self, work: int) -> bool:
         """More work than one standard question: held to the large requests' share."""
         return self.slot_work is not None and work > self.slot_work
 
-    def _seconds_for(self, ahead: int, own: int, per_prompt: float) -> float:
-        """Seconds until a request of ``own`` planned prompts is done with ``ahead`` planned
-        prompts served before or beside it. Large requests hold at most half the engine
-        while other work competes, so the work up to one's end is taken to drain at half
-        the rate then; alone it has the whole engine."""
-        slowed = 2.0 if ahead > 0 and self.is_large(own) else 1.0
-        return (ahead + own) * slowed * per_prompt
+    def _seconds_for(self, ahead: float, own: float, work: int, per_unit: float) -> float:
+        """Seconds until a request of ``own`` planned units (``work`` planned prompts) is
+        done with ``ahead`` planned units served before or beside it. Large requests hold
+        at most half the engine while other work competes, so the work up to one's end is
+        taken to drain at half the rate then; alone it has the whole engine."""
+        slowed = 2.0 if ahead > 0 and self.is_large(work) else 1.0
+        return (ahead + own) * slowed * per_unit
 
-    def _forecast(self, work: int) -> tuple[int, int, float | None]:
-        """For a new request of ``work``: where it joins the queue (after every waiter with
-        no more work; the waiters are kept in ``key`` order), the planned prompts served up
-        to its end (running, queued ahead of it, its own), and when they would be done from
-        now at the measured rate (None until measured)."""
-        position = bisect.bisect_right(self._waiters, (work, math.inf), key=lambda w: w.key)
-        ahead = self.work_in_use + sum(w.work for w in self._waiters[:position])
-        per_prompt = self.seconds_per_prompt()
-        if per_prompt is None:
-            return position, ahead + work, None
-        return position, ahead + work, self._seconds_for(ahead, work, per_prompt)
+    def _forecast(self, work: int, size: float) -> tuple[int, float, float | None]:
+        """For a new request of ``work`` prompts of ``size``: where it joins the queue
+        (after every waiter with no more units; the waiters are kept in ``key`` order), the
+        planned units served up to its end (running, queued ahead of it, its own), and when
+        they would be done from now at the measured rate (None until measured)."""
+        units = work * size
+        position = bisect.bisect_right(self._waiters, (units, math.inf), key=lambda w: w.key)
+        ahead = self.units_in_use + sum(w.units for w in self._waiters[:position])
+        per_unit = self.seconds_per_unit()
+        if per_unit is None:
+            return position, ahead + units, None
+        return position, ahead + units, self._seconds_for(ahead, units, work, per_unit)
 
-    def predicted_s(self, work: int) -> float | None:
-        """When a new request of ``work`` would finish from now: the work running, the queued
-        work served before it (no larger than its own) and its own, at the measured rate."""
-        return self._forecast(work)[2]
+    def predicted_s(self, work: int, size: float = 1.0) -> float | None:
+        """When a new request of ``work`` prompts of ``size`` would finish from now: the
+        work running, the queued work served before it (no larger than its own) and its
+        own, at the measured rate."""
+        return self._forecast(work, size)[2]
+
+    def prompts_within(self, seconds: float, size: float = 1.0) -> int | None:
+        """The most prompts of ``size`` that one request may plan to be predicted done,
+        alone on the engine, within ``deadline_share`` of ``seconds`` (None until the rate
+        is measured): a default work budget is fitted to the deadline with it."""
+        per_unit = self.seconds_per_unit()
+        if per_unit is None or size <= 0:
+            return None
+        return math.floor(self.deadline_share * seconds / (size * per_unit))
 
     def _in_time(self, predicted: float, now: float, deadline: float) -> bool:
         return predicted <= self.deadline_share * (deadline - now)
@@ -331,9 +363,10 @@ class Admission:
             f"deadline (UFCAL_REQUEST_TIMEOUT_S); retry after {retry} s",
         )
 
-    def _take(self, slots: int, work: int) -> None:
+    def _take(self, slots: int, work: int, units: float) -> None:
         self.in_use += slots
         self.work_in_use += work
+        self.units_in_use += units
         if self.is_large(work):
             self.large_in_use += work
         if self.meter is not None:
@@ -341,17 +374,18 @@ class Admission:
 
     @contextlib.asynccontextmanager
     async def slot(
-        self, cost: int = 1, work: int = 1, deadline: float | None = None
+        self, cost: int = 1, work: int = 1, deadline: float | None = None, size: float = 1.0
     ) -> AsyncIterator[None]:
-        """Hold ``cost`` slots and ``work`` planned prompts for the block. Wait in the queue
-        if it has room and the work ahead fits before ``deadline`` (a ``clock()`` time),
-        else raise ``Overloaded`` at once."""
+        """Hold ``cost`` slots and ``work`` planned prompts (of ``size`` units each) for the
+        block. Wait in the queue if it has room and the work ahead fits before ``deadline``
+        (a ``clock()`` time), else raise ``Overloaded`` at once."""
         slots, weight = self.cost_of(cost), self.work_of(work)
+        units = weight * size
         now = self._clock()
-        position, through, predicted = self._forecast(weight)
+        position, through, predicted = self._forecast(weight, size)
         if deadline is not None and predicted is not None:
-            per_prompt = self.seconds_per_prompt() or 0.0
-            alone = self._seconds_for(0, weight, per_prompt)
+            per_unit = self.seconds_per_unit() or 0.0
+            alone = self._seconds_for(0, units, weight, per_unit)
             if alone > deadline - now:  # no wait would help: say what would
                 self.rejected += 1
                 self.rejected_for_time += 1
@@ -363,13 +397,13 @@ class Admission:
                 raise self._refuse_for_time(predicted, self.deadline_share * (deadline - now))
         # smallest work first: only waiters with more work than this one can be passed
         if position == 0 and self._fits(slots, weight):
-            self._take(slots, weight)
+            self._take(slots, weight, units)
         else:
             if self.queued + slots > self.max_queue:
                 self.rejected += 1
                 raise Overloaded(self.retry_after())
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            waiter = _Waiter(slots, weight, deadline or math.inf, next(self._order), future)
+            waiter = _Waiter(slots, weight, units, deadline or math.inf, next(self._order), future)
             self._waiters.insert(position, waiter)  # its order is the newest: key order holds
             self.queued += slots
             self.work_queued += weight
@@ -379,7 +413,7 @@ class Admission:
             except asyncio.CancelledError:
                 granted = future.done() and not future.cancelled() and not future.exception()
                 if granted:
-                    self._release(slots, weight)  # granted just as we were cancelled
+                    self._release(slots, weight, units)  # granted just as we were cancelled
                 else:
                     self._drop(waiter)
                     self._grant()
@@ -387,7 +421,7 @@ class Admission:
         try:
             yield
         finally:
-            self._release(slots, weight)
+            self._release(slots, weight, units)
 
     async def run(
         self,
@@ -396,10 +430,12 @@ class Admission:
         cost: int,
         timeout_s: float,
         planned: int = 1,
+        size: float = 1.0,
         measure: Callable[[T], int | None] | None = None,
     ) -> T:
-        """``work()`` in ``cost`` slots weighed at ``planned`` prompts, queueing included in
-        the deadline ``timeout_s``. On the deadline the work is cancelled (and with it the
+        """``work()`` in ``cost`` slots weighed at ``planned`` prompts of ``size`` units
+        each (the relative cost of one; ``budget.prompt_size``), queueing included in the
+        deadline ``timeout_s``. On the deadline the work is cancelled (and with it the
         engine calls it made). ``measure`` tells the prompts the result actually sent (for
         the rate meter; None or no ``measure``: none counted)."""
 
@@ -407,9 +443,9 @@ class Admission:
         deadline = asyncio.timeout(timeout_s)
         sent = 0
         arrived = self._clock()
-        predicted = self.predicted_s(self.work_of(planned))
+        predicted = self.predicted_s(self.work_of(planned), size)
         try:
-            async with deadline, self.slot(cost, planned, arrived + timeout_s):
+            async with deadline, self.slot(cost, planned, arrived + timeout_s, size):
                 result = await work()
                 if measure is not None:
                     sent = measure(result) or 0
@@ -423,7 +459,7 @@ class Admission:
             raise
         finally:
             if self.meter is not None and sent:
-                self.meter.finished(sent, self.work_of(planned))
+                self.meter.finished(sent, self.work_of(planned), size)
 
     def export(self, registry: CollectorRegistry) -> None:
         """Prometheus gauges read from this limiter at scrape time."""
@@ -464,25 +500,26 @@ class Admission:
             self.queued -= waiter.slots
             self.work_queued -= waiter.work
 
-    def _evict_late(self, now: float, start: int, ahead: int) -> None:
+    def _evict_late(self, now: float, start: int, ahead: float) -> None:
         """Refuse the queued requests from ``start`` on (those a new arrival was put ahead
-        of; ``ahead`` is the work served before ``start``) that the work now ahead of them
-        would push past their deadlines."""
-        per_prompt = self.seconds_per_prompt()
-        if per_prompt is None:
+        of; ``ahead`` is the work, in units, served before ``start``) that the work now
+        ahead of them would push past their deadlines."""
+        per_unit = self.seconds_per_unit()
+        if per_unit is None:
             return
         for waiter in self._waiters[start:]:
-            predicted = self._seconds_for(ahead, waiter.work, per_prompt)
-            ahead += waiter.work
+            predicted = self._seconds_for(ahead, waiter.units, waiter.work, per_unit)
+            ahead += waiter.units
             if not self._in_time(predicted, now, waiter.deadline) and not waiter.future.done():
                 self._drop(waiter)
-                ahead -= waiter.work
+                ahead -= waiter.units
                 available = self.deadline_share * (waiter.deadline - now)
                 waiter.future.set_exception(self._refuse_for_time(predicted, available))
 
-    def _release(self, slots: int, work: int) -> None:
+    def _release(self, slots: int, work: int, units: float) -> None:
         self.in_use -= slots
         self.work_in_use -= work
+        self.units_in_use -= units
         if self.is_large(work):
             self.large_in_use -= work
         if self.meter is not None:
@@ -498,5 +535,5 @@ class Admission:
             if not self._fits(waiter.slots, waiter.work):
                 return
             self._drop(waiter)
-            self._take(waiter.slots, waiter.work)
+            self._take(waiter.slots, waiter.work, waiter.units)
             waiter.future.set_result(None)

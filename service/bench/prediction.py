@@ -39,6 +39,7 @@ async def _phase(client: httpx.AsyncClient, data: Path, offset: int) -> dict[str
     before = histogram((await client.get("/metrics")).text)
     codes: Counter[int] = Counter()
     seconds: list[float] = []
+    fitted: list[str] = []  # "options/mode: budget" of replies whose default budget was fitted
     for m, mode in SEQUENCE:
         question = questions_with_options(data, m, offset + 1)[offset]
         body = {"question": question.question, "options": list(question.options), "mode": mode}
@@ -46,10 +47,14 @@ async def _phase(client: httpx.AsyncClient, data: Path, offset: int) -> dict[str
         reply = await client.post("/score", json=body)
         seconds.append(round(time.perf_counter() - started, 2))
         codes[reply.status_code] += 1
+        usage = reply.json().get("usage", {}) if reply.status_code == 200 else {}
+        if usage.get("budget_fitted"):
+            fitted.append(f"{m}/{mode}: {usage['max_prompts']}")
     after = histogram((await client.get("/metrics")).text)
     return {
         "by_status": {str(k): v for k, v in sorted(codes.items())},
         "seconds": seconds,
+        "budget_fitted": fitted,
         **accuracy(before, after),
     }
 

@@ -92,6 +92,25 @@ def fit_round(
     return [s for s in active if s in sent], [s for s in active if s not in sent]
 
 
+#: The sizes of one standard prompt (a 4-option question of ordinary length), in bytes.
+STANDARD_QUESTION_BYTES = 120
+STANDARD_OPTION_BYTES = 4 * 25
+
+
+def prompt_size(question_bytes: int, option_bytes: Sequence[int]) -> float:
+    """The relative engine cost of one prompt of a question, 1.0 for a standard 4-option
+    one, from text lengths alone (known before any engine call): what admission predicts
+    time by. Its prompts share the question's prefix, which the engine's prefix cache
+    serves after the first, so the options (one of them replaced in each chain step) and
+    the instruction after them are what each prompt costs; the question counts a fifth."""
+    standard = PROMPT_OVERHEAD_BYTES + STANDARD_QUESTION_BYTES / 5 + STANDARD_OPTION_BYTES
+    own = PROMPT_OVERHEAD_BYTES + question_bytes / 5 + sum(option_bytes)
+    return own / standard
+
+
+PROMPT_OVERHEAD_BYTES = 200  # the option labels, the instruction and the answer prefix
+
+
 # ----------------------------------------------------------------------- free-form questions
 
 #: A free-form question's K samples are one prompt sampled K times.
@@ -130,3 +149,19 @@ def freeform_planned_prompts(
     if max_prompts <= 0:
         return worst
     return min(worst, max(max_prompts, freeform_min_prompts(method)))
+
+
+#: A free-form option is a short sampled answer (at most 12 tokens), or the given answer.
+FREEFORM_OPTION_BYTES = 40
+
+
+def freeform_prompt_size(question_bytes: int, samples: int, given_bytes: int | None) -> float:
+    """``prompt_size`` for a free-form question: its UF prompts at their largest, the
+    options being the groups of the K samples (short answers) and the given answer's, as
+    many as ``freeform_planned_prompts`` plans for. The samples' and the judge's prompts
+    hold fewer texts, so this errs on the slow side, as the plan does."""
+    n_options = min(max(samples, 2), MAX_OPTIONS)
+    options = [FREEFORM_OPTION_BYTES] * n_options
+    if given_bytes is not None:
+        options = [*options[: MAX_OPTIONS - 1], given_bytes]
+    return prompt_size(question_bytes, options)

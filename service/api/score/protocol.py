@@ -317,6 +317,18 @@ class UsageOut(BaseModel):
         ge=0,
         description="Chains ended early because their next step would pass the budget.",
     )
+    max_prompts: int = Field(
+        default=0,
+        ge=0,
+        description="The work budget the question ran under (0: none): the request's "
+        "max_prompts, else UFCAL_MAX_PROMPTS_PER_QUESTION, or less when budget_fitted.",
+    )
+    budget_fitted: bool = Field(
+        default=False,
+        description="The request set no max_prompts and the default budget would not have "
+        "finished before the deadline at the engine's measured rate, so it was lowered to "
+        "what is predicted to (fewer chain starts or shorter chains: see dropped_mass).",
+    )
 
 
 class CalibratorOut(BaseModel):
@@ -327,7 +339,7 @@ class CalibratorOut(BaseModel):
     labels: int = Field(description="Labels it was fitted on.")
 
 
-_FREEFORM_EXAMPLE = {
+_FREEFORM_EXAMPLE: dict[str, Any] = {
     "id": "ff-1",
     "task": "free_form",
     "answer": {"index": 0, "label": "A", "text": "Canberra"},
@@ -350,6 +362,8 @@ _FREEFORM_EXAMPLE = {
         "budget_hit": False,
         "dropped_mass": 0.0,
         "chains_cut": 0,
+        "max_prompts": 64,
+        "budget_fitted": False,
     },
     "latency_ms": 812.4,
     "given": {

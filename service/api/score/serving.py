@@ -42,7 +42,14 @@ from service.api.score.protocol import (
     request_issues,
 )
 from service.calibration import recalibrate
-from service.calibration.budget import freeform_planned_prompts, planned_prompts
+from service.calibration.budget import (
+    freeform_min_prompts,
+    freeform_planned_prompts,
+    freeform_prompt_size,
+    min_prompts,
+    planned_prompts,
+    prompt_size,
+)
 from service.calibration.prompts import Question
 from service.config import Settings
 from service.recalibration import Active
@@ -56,8 +63,13 @@ router = APIRouter(route_class=StrictJSONRoute)
 Calibrate = Callable[[float], float]
 
 
-def score_params(body: ScoreRequest, settings: Settings) -> ScoreParams:
-    """Per-request parameters over the configured defaults."""
+def score_params(
+    body: ScoreRequest, settings: Settings, max_prompts: int | None = None
+) -> ScoreParams:
+    """Per-request parameters over the configured defaults; ``max_prompts`` replaces the
+    default work budget (``fitted_budget``) when the request sets none."""
+    if max_prompts is None:
+        max_prompts = settings.max_prompts_per_question
     return ScoreParams(
         method=body.method,
         mode=body.mode or settings.mode,
@@ -66,9 +78,7 @@ def score_params(body: ScoreRequest, settings: Settings) -> ScoreParams:
         tau=body.tau or settings.tau,
         eps=settings.eps if body.eps is None else body.eps,
         skip_mass=settings.skip_mass,
-        max_prompts=(
-            settings.max_prompts_per_question if body.max_prompts is None else body.max_prompts
-        ),
+        max_prompts=max_prompts if body.max_prompts is None else body.max_prompts,
     )
 
 
@@ -232,14 +242,18 @@ def _log_options(body: ScoreRequest, response: ScoreResponse | None) -> list[str
     return None if response is None else freeform_options(response)
 
 
-async def score_request(state: AppState, body: ScoreRequest) -> ScoreResponse | JSONResponse:
-    """Score one validated request (either task), record its metrics and log line.
+async def score_request(
+    state: AppState, body: ScoreRequest, max_prompts: int | None = None
+) -> ScoreResponse | JSONResponse:
+    """Score one validated request (either task), record its metrics and log line;
+    ``max_prompts``: the default work budget fitted to the deadline (``fitted_budget``),
+    None: as configured.
 
     The fields' joint rules (``request_issues``) are checked here too, so a caller that
     builds a ``ScoreRequest`` itself gets the same 422 as ``POST /score`` would send."""
     started = time.perf_counter()
     request_id = body.id or uuid.uuid4().hex
-    params = score_params(body, state.settings)
+    params = score_params(body, state.settings, max_prompts)
     if issues := request_issues(body):
         return validation_reply(issues)
     telemetry = state.telemetry
@@ -275,6 +289,8 @@ async def score_request(state: AppState, body: ScoreRequest) -> ScoreResponse | 
                 },
             )
             return reply
+    response.usage.max_prompts = params.max_prompts
+    response.usage.budget_fitted = max_prompts is not None and body.max_prompts is None
     if (conflict := await record_score(state, body, response)) is not None:
         return conflict  # 409: this id already has feedback
     usage = response.usage
@@ -338,13 +354,17 @@ async def score_question(
     if issues := score_issues(body, state.settings):
         raise RequestValidationError(issues)
     started = time.perf_counter()
+    timeout_s = state.settings.request_timeout_s
+    size = prompt_size_of(body, state.settings)
+    budget = fitted_budget(state, body, timeout_s, size)
     try:
         return await state.admission.run(
-            lambda: score_request(state, body),
+            lambda: score_request(state, body, budget),
             cost=1,
-            planned=planned_work(body, state.settings),
+            planned=planned_work(body, state.settings, budget),
+            size=size,
             measure=_prompts_sent,
-            timeout_s=state.settings.request_timeout_s,
+            timeout_s=timeout_s,
         )
     except (Overloaded, DeadlineExceeded, DeadlineUnreachable) as exc:
         mode = body.mode or state.settings.mode
@@ -356,11 +376,12 @@ async def score_question(
         return reply
 
 
-def planned_work(body: ScoreRequest, settings: Settings) -> int:
-    """The prompts a question is planned at (its worst case under its work budget):
-    admission weighs it by this. A free-form question: its samples' prompt, the judge's
-    pairs (none with the NLI judge, which uses no engine) and UF over its groups."""
-    budget = settings.max_prompts_per_question if body.max_prompts is None else body.max_prompts
+def planned_work(body: ScoreRequest, settings: Settings, max_prompts: int | None = None) -> int:
+    """The prompts a question is planned at (its worst case under its work budget; a
+    default budget fitted to the deadline is ``max_prompts``): admission weighs it by this.
+    A free-form question: its samples' prompt, the judge's pairs (none with the NLI judge,
+    which uses no engine) and UF over its groups (``budget.freeform_planned_prompts``)."""
+    budget = body.max_prompts or max_prompts or settings.max_prompts_per_question
     if body.options is None:
         return freeform_planned_prompts(
             body.method,
@@ -370,6 +391,56 @@ def planned_work(body: ScoreRequest, settings: Settings) -> int:
             judge_prompts_per_pair=0 if settings.freeform_nli_model is not None else 1,
         )
     return planned_prompts(body.method, len(body.options), budget)
+
+
+def prompt_size_of(body: ScoreRequest, settings: Settings) -> float:
+    """The relative engine cost of one of the question's prompts (``budget.prompt_size``;
+    free-form: ``budget.freeform_prompt_size``)."""
+    question_bytes = len(body.question.encode())
+    if body.options is None:
+        given = body.answer.encode() if isinstance(body.answer, str) else None
+        samples = body.samples or settings.samples
+        return freeform_prompt_size(question_bytes, samples, None if given is None else len(given))
+    return prompt_size(question_bytes, [len(o.encode()) for o in body.options])
+
+
+def fitted_budget(
+    state: AppState, body: ScoreRequest, timeout_s: float, size: float, share: float = 1.0
+) -> int | None:
+    """The default work budget lowered so that the question, alone on the engine, is
+    predicted to finish within its deadline at the measured rate (with ``share`` of the
+    engine), or None when it fits as it is, the rate is not measured yet or the request
+    sets ``max_prompts`` itself (a budget the client chose stands: if it cannot fit, the
+    reply is 422 ``deadline_unreachable``). Never below the method's minimum: a question
+    that cannot fit even so is refused by admission with that 422."""
+    if body.max_prompts is not None:
+        return None
+    within = state.admission.prompts_within(timeout_s * share, size)
+    planned = planned_work(body, state.settings)
+    if within is None or within >= planned:
+        return None
+    need = freeform_min_prompts(body.method) if body.options is None else min_prompts(body.method)
+    return max(within, need)
+
+
+def _fitted_batch(
+    state: AppState, items: list[ScoreRequest], timeout_s: float
+) -> tuple[list[int | None], int, float]:
+    """The items' work budgets fitted to the batch's one deadline (each default budget to
+    its share of the planned work, ``fitted_budget``), the batch's planned prompts under
+    them and their mean size per prompt."""
+    sizes = [prompt_size_of(item, state.settings) for item in items]
+    units = [planned_work(item, state.settings) * s for item, s in zip(items, sizes, strict=True)]
+    total = sum(units) or 1.0
+    budgets = [
+        fitted_budget(state, item, timeout_s, s, share=u / total)
+        for item, s, u in zip(items, sizes, units, strict=True)
+    ]
+    planned = [
+        planned_work(item, state.settings, b) for item, b in zip(items, budgets, strict=True)
+    ]
+    size = sum(p * s for p, s in zip(planned, sizes, strict=True)) / max(1, sum(planned))
+    return budgets, sum(planned), size
 
 
 def _prompts_sent(outcome: ScoreResponse | JSONResponse | None) -> int | None:
@@ -422,9 +493,14 @@ async def score_batch(
 
     mode = settings.mode
     tasks: list[asyncio.Task[ScoreResponse | JSONResponse]] = []
+    timeout_s = settings.request_timeout_s
+    budgets, planned, size = _fitted_batch(state, body.items, timeout_s)
 
     async def run_items() -> int:
-        tasks.extend(asyncio.create_task(score_request(state, item)) for item in body.items)
+        tasks.extend(
+            asyncio.create_task(score_request(state, item, budget))
+            for item, budget in zip(body.items, budgets, strict=True)
+        )
         await asyncio.wait(tasks)
         return sum(_prompts_sent(t.result()) or 0 for t in tasks)
 
@@ -432,9 +508,10 @@ async def score_batch(
         await state.admission.run(
             run_items,
             cost=len(body.items),
-            planned=sum(planned_work(item, settings) for item in body.items),
+            planned=planned,
+            size=size,
             measure=lambda sent: sent,
-            timeout_s=settings.request_timeout_s,
+            timeout_s=timeout_s,
         )
     except (Overloaded, DeadlineUnreachable) as exc:
         return error_response(exc, mode)
