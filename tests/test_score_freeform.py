@@ -7,6 +7,7 @@ import json
 import logging
 import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from service.api.score.protocol import (
     ScoreResponse,
     option_index,
 )
-from service.api.score.serving import planned_work, score_request
+from service.api.score.serving import fitted_budget, planned_work, prompt_size_of, score_request
 from service.calibration import budget, uf
 from service.calibration.freeform import ABSTAIN_OPTION
 from service.calibration.recalibrate import Calibrator, apply
@@ -493,6 +494,44 @@ def test_planned_work_weighs_free_form_by_its_plan() -> None:
     )
     mc = ScoreRequest(question="q?", options=["a", "b"], answer="a")
     assert planned_work(mc, settings) == budget.planned_prompts("uf", 2, 64)
+
+
+def test_free_form_prompt_size() -> None:
+    # UF over up to K short answers (and the given one): K = 4 is a standard-ish prompt.
+    four = budget.freeform_prompt_size(120, 4, None)
+    assert four == pytest.approx(budget.prompt_size(120, [40] * 4))
+    assert budget.freeform_prompt_size(120, 4, 500) == pytest.approx(
+        budget.prompt_size(120, [40] * 4 + [500])
+    )
+    assert budget.freeform_prompt_size(120, 64, None) == pytest.approx(
+        budget.prompt_size(120, [40] * 26)
+    )
+    assert budget.freeform_prompt_size(120, 1, None) == pytest.approx(
+        budget.prompt_size(120, [40] * 2)
+    )
+
+
+def test_a_fitted_default_budget_keeps_the_free_form_minimum() -> None:
+    class Tight:
+        def prompts_within(self, seconds: float, size: float = 1.0) -> int:
+            return 1  # the engine is so slow that one prompt fits the deadline
+
+    state: Any = SimpleNamespace(settings=_settings(), admission=Tight())
+    free = ScoreRequest(question="q?")
+    assert fitted_budget(state, free, 20.0, 1.0) == budget.freeform_min_prompts("uf") == 3
+    mc = ScoreRequest(question="q?", options=["a", "b", "c", "d"])
+    assert fitted_budget(state, mc, 20.0, 1.0) == 2
+    assert fitted_budget(state, ScoreRequest(question="q?", max_prompts=5), 20.0, 1.0) is None
+    assert prompt_size_of(free, state.settings) == pytest.approx(
+        budget.freeform_prompt_size(len(b"q?"), state.settings.samples, None)
+    )
+
+
+async def test_a_free_form_reply_says_its_budget() -> None:
+    async with serve(paris_model().engine()) as client:
+        usage = (await client.post("/score", json={**FREE, "max_prompts": 9})).json()["usage"]
+    assert usage["max_prompts"] == 9 and usage["budget_fitted"] is False
+    assert usage["prompts"] <= 9
 
 
 async def test_feedback_judges_the_given_free_form_answer(tmp_path: Path) -> None:
