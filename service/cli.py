@@ -109,6 +109,10 @@ def _file_questions(args: argparse.Namespace, path: Path) -> list[_Scorable]:
                 request = _request(
                     args, str(row.get("id", number)), row["question"], row["options"]
                 )
+                if request.options is None:
+                    raise ValueError(
+                        '"options" must be a list: ufcal score takes multiple-choice questions'
+                    )
                 gold = row.get("answer")
                 if gold is not None and (
                     isinstance(gold, bool)
@@ -153,7 +157,7 @@ async def _score_all(args: argparse.Namespace, settings: Settings, items: list[_
 
     async def one(item: _Scorable) -> str:
         body = item.request
-        question = Question(body.question, tuple(body.options))
+        question = Question(body.question, tuple(body.options or ()))
         try:
             result = await score(question, engine, score_params(body, settings), template)
         except Unscorable as exc:

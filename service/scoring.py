@@ -111,6 +111,11 @@ class ScoreResult:
     usage: Usage
     latency_s: float
     samples: list[str] = field(default_factory=list)
+    #: Every option's confidence under the method, in option order (``answer``'s is
+    #: ``confidence``): uf (1 - U) x F(option), fidelity F(option), sampled P(option),
+    #: token its letter's raw probability. None for verbalized and linguistic: the model
+    #: states a confidence for its own answer only.
+    option_confidences: list[float] | None = None
 
 
 def resolve_mode(requested: str, engine: Engine) -> ResolvedMode:
@@ -473,18 +478,24 @@ class QuestionRun:
             uncertainty = uf.uncertainty(distribution)
             chains: dict[int, list[int]] = {}
             fidelity = [0.0] * len(distribution)
+            options: list[float] | None = None
             if method == "uf" or method == "fidelity":
                 chains = await self._chains(mode, first, usage)
                 fidelity = uf.fidelity(distribution, chains, params.tau)
-                confidence = uf.confidence(
-                    uncertainty, fidelity[answer], use_uncertainty=method == "uf"
-                )
+                options = [
+                    uf.confidence(uncertainty, f, use_uncertainty=method == "uf") for f in fidelity
+                ]
+                confidence = options[answer]
             elif method == "sampled":
-                confidence = baselines.sampled_confidence(distribution, answer)
+                options = [
+                    baselines.sampled_confidence(distribution, i) for i in range(len(distribution))
+                ]
+                confidence = options[answer]
             elif method == "token":
                 if first.logprobs is None:  # pragma: no cover - token is always logprobs
                     raise EngineFeatureMissing("letter log-probabilities")
-                confidence = baselines.token_confidence(first.logprobs[answer])
+                options = [baselines.token_confidence(lp) for lp in first.logprobs]
+                confidence = options[answer]
             else:
                 stated = await self._stated(method, mode, answer, usage)
                 if stated.value is None:
@@ -511,6 +522,7 @@ class QuestionRun:
             usage=usage,
             latency_s=time.perf_counter() - self.started,
             samples=first.samples,
+            option_confidences=options,
         )
 
 

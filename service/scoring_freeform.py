@@ -48,7 +48,7 @@ SAMPLE_TEMPERATURE = 1.0
 JUDGE_CHOICES = ("yes", "no")
 FREEFORM_METHODS = ("uf", "fidelity")
 # The samples' prompt, then the UF part's read and its answer's first chain step.
-MIN_FREEFORM_PROMPTS = 1 + budget.min_prompts("uf")
+MIN_FREEFORM_PROMPTS = budget.freeform_min_prompts("uf")
 GivenMatch = Literal["exact", "judge", "absent"]
 
 

@@ -426,10 +426,14 @@ def score_log_fields(
     options: Sequence[str] | Mapping[str, str] | None = None,
     error: str | None = None,
     timestamp: datetime | None = None,
+    task: str = "multiple_choice",
+    given: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The fields of the one log line per scored question (pass as ``extra={"fields": ...}``).
 
-    The question and option texts are included only when ``log_text`` is true.
+    ``task`` is ``multiple_choice`` or ``free_form``; ``given`` (index, match, confidence
+    of a given answer) is included when there is one. The question and option texts
+    (a free-form question's: the groups UF ran over) only when ``log_text`` is true.
     """
     ts = timestamp if timestamp is not None else datetime.now(timezone.utc)
     fields: dict[str, Any] = {
@@ -438,6 +442,7 @@ def score_log_fields(
         "model": model,
         "method": method,
         "mode": mode,
+        "task": task,
         "answer": answer,
         "confidence": confidence,
         "uncertainty": uncertainty,
@@ -445,6 +450,8 @@ def score_log_fields(
         "latency_ms": round(latency_ms, 3),
         "status": int(status),
     }
+    if given is not None:
+        fields["given"] = dict(given)
     if error is not None:
         fields["error"] = error
     if log_text:

@@ -47,6 +47,10 @@ RESPONSE_FIELDS = {
     "model",
     "usage",
     "latency_ms",
+    "task",
+    "given",
+    "groups",
+    "free_form",
 }
 USAGE_FIELDS = {
     "max_prompts",
@@ -133,6 +137,8 @@ async def test_score_returns_the_whole_contract() -> None:
     body = r.json()
     assert set(body) == RESPONSE_FIELDS
     assert body["id"] == "q-17"
+    assert body["task"] == "multiple_choice"
+    assert body["given"] is None and body["groups"] is None and body["free_form"] is None
     assert body["answer"] == {"index": 3, "label": "D", "text": "delta"}
     assert round(body["confidence"], 5) == 0.19578
     assert body["raw_confidence"] == body["confidence"]  # no calibrator is active
@@ -276,7 +282,7 @@ async def test_bad_input_is_422_naming_the_field(change: dict[str, Any], field: 
     assert engine.calls == []
 
 
-@pytest.mark.parametrize("missing", ["question", "options"])
+@pytest.mark.parametrize("missing", ["question"])  # no options: free-form (test_score_freeform)
 async def test_missing_field_is_422(missing: str) -> None:
     body = {k: v for k, v in GOOD.items() if k != missing}
     async with serve(white_box()) as client:
@@ -514,7 +520,14 @@ async def test_openapi_and_docs_are_served() -> None:
     assert {"/score", "/healthz", "/readyz"} <= set(schema["paths"])
     request_schema = schema["components"]["schemas"]["ScoreRequest"]
     assert {"question", "options", "mode", "samples"} <= set(request_schema["properties"])
-    assert request_schema["properties"]["options"]["maxItems"] == 26
+    options = request_schema["properties"]["options"]  # a list, or null: free-form
+    lists = [s for s in options["anyOf"] if s.get("type") == "array"]
+    assert [s["maxItems"] for s in lists] == [26]
+    assert {"type": "null"} in options["anyOf"]
+    assert "options" not in request_schema.get("required", [])
+    examples = request_schema["examples"]
+    assert any("options" not in e for e in examples), "a free-form example"
+    assert any("answer" in e and "options" in e for e in examples), "a given option"
     assert "ScoreResponse" in schema["components"]["schemas"]
     assert docs.status_code == 200
     assert "text/html" in docs.headers["content-type"]

@@ -36,6 +36,7 @@ from service.config import Settings
 from service.engines import build_engine
 from service.engines.base import Engine
 from service.recalibration import load_calibrator_files
+from service.scoring_freeform import NliJudge
 from service.telemetry import Telemetry
 from service.web import serving as web_serving
 
@@ -81,6 +82,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     async def start_engine() -> None:
         try:
+            # A configured NLI judge (UFCAL_FREEFORM_NLI_MODEL) loads before the engine
+            # starts: the service is not ready without it, and a free-form question never
+            # falls back to another judge.
+            state.freeform_judge = await asyncio.to_thread(NliJudge.from_settings, settings)
             built = engine or await build_engine(settings)
             delay = 0.5
             while True:  # a remote engine may come up after us: keep trying

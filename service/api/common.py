@@ -23,6 +23,7 @@ from service.engines.base import (
 )
 from service.recalibration import Recalibrator
 from service.scoring import Unscorable
+from service.scoring_freeform import EquivalenceJudge
 from service.store import Store
 from service.telemetry import Telemetry
 
@@ -84,6 +85,8 @@ class AppState:
     engine_task: asyncio.Task[None] | None = field(default=None, repr=False)
     store: Store | None = field(default=None, repr=False)
     recalibrator: Recalibrator | None = field(default=None, repr=False)
+    #: The free-form questions' equivalence judge; None: the engine's own model judges.
+    freeform_judge: EquivalenceJudge | None = field(default=None, repr=False)
     admission: Admission = field(default_factory=lambda: Admission(16, 64), repr=False)
     exit_code: int = 0  # non-zero: the engine died, the process exits with it
 

@@ -1,5 +1,5 @@
 """Request limits: the body size (an ASGI middleware that never holds more than the limit
-in memory) and the sizes inside a question (option count, text lengths, samples).
+in memory) and the sizes inside a question (option count, text lengths, samples, budget).
 
 Every refusal names the limit and the setting that raises it."""
 
@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.score.protocol import ScoreRequest
-from service.calibration.budget import min_prompts
+from service.calibration.budget import freeform_min_prompts, min_prompts
 from service.config import Settings
 
 
@@ -104,15 +104,16 @@ def score_limit_issues(
                 len(body.question),
             )
         )
-    if len(body.options) > settings.max_options:
+    options = body.options or []
+    if len(options) > settings.max_options:
         issues.append(
             _issue(
                 (*prefix, "options"),
                 f"more than UFCAL_MAX_OPTIONS={settings.max_options} options",
-                len(body.options),
+                len(options),
             )
         )
-    for i, option in enumerate(body.options):
+    for i, option in enumerate(options):
         if len(option) > settings.max_option_chars:
             issues.append(
                 _issue(
@@ -121,6 +122,19 @@ def score_limit_issues(
                     len(option),
                 )
             )
+    # A free-form answer becomes an option of the UF part: the option limit holds for it.
+    if (
+        body.options is None
+        and isinstance(body.answer, str)
+        and len(body.answer.strip()) > settings.max_option_chars
+    ):
+        issues.append(
+            _issue(
+                (*prefix, "answer"),
+                f"free-form answer longer than UFCAL_MAX_OPTION_CHARS={settings.max_option_chars}",
+                len(body.answer),
+            )
+        )
     if body.samples is not None and body.samples > settings.max_samples:
         issues.append(
             _issue(
@@ -149,18 +163,18 @@ def _budget_issues(
             )
         ]
     effective = configured if body.max_prompts is None else body.max_prompts
-    need = min_prompts(body.method)
+    free_form = body.options is None
+    need = freeform_min_prompts(body.method) if free_form else min_prompts(body.method)
     if 0 < effective < need:
         source = "max_prompts" if body.max_prompts is not None else "UFCAL_MAX_PROMPTS_PER_QUESTION"
-        return [
-            _issue(
-                loc,
-                f"{source}={effective} is below the {need} prompts method {body.method} "
-                "needs (one read, then the answer's first chain step or the stated "
-                "confidence)",
-                effective,
-            )
-        ]
+        why = (
+            "a free-form question needs (the samples, then UF's read and the answer's "
+            "first chain step)"
+            if free_form
+            else f"method {body.method} needs (one read, then the answer's first chain "
+            "step or the stated confidence)"
+        )
+        return [_issue(loc, f"{source}={effective} is below the {need} prompts {why}", effective)]
     return []
 
 

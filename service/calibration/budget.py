@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from service.calibration.prompts import MAX_OPTIONS
+
 DEFAULT_MAX_PROMPTS = 64
 CHAIN_METHODS = frozenset({"uf", "fidelity"})
 STATED_METHODS = frozenset({"verbalized", "linguistic"})
@@ -111,3 +113,59 @@ def prompt_size(question_bytes: int, option_bytes: Sequence[int]) -> float:
 # seconds per prompt alone at 4, 11, 13 and 26 options (0.13, 0.15, 0.19, 0.31 s;
 # docs/performance.md), linear in the option bytes, within 25 % of each.
 PROMPT_OVERHEAD_BYTES = 300
+
+
+# ----------------------------------------------------------------------- free-form questions
+
+#: A free-form question's K samples are one prompt sampled K times.
+FREEFORM_SAMPLE_PROMPTS = 1
+
+
+def freeform_min_prompts(method: str) -> int:
+    """The fewest prompts a free-form question can be scored with: the samples' prompt,
+    then what the UF part over the groups needs at least (``min_prompts``)."""
+    return FREEFORM_SAMPLE_PROMPTS + min_prompts(method)
+
+
+def freeform_planned_prompts(
+    method: str,
+    samples: int,
+    max_prompts: int,
+    *,
+    given: bool = False,
+    judge_prompts_per_pair: int = 1,
+) -> int:
+    """The prompts a free-form question is planned at (admission weighs it by this): its
+    worst case under the budget ``max_prompts`` (0 = no bound).
+
+    The worst case: the samples' prompt; every pair of the K samples' exact groups (and
+    the given answer's, when ``given``) judged, ``judge_prompts_per_pair`` prompts each
+    (0 for a judge that uses no engine); then UF over as many options as there can be
+    groups, at least 2 (one group gets the abstention) and at most 26."""
+    candidates = max(0, samples) + (1 if given else 0)
+    pairs = candidates * (candidates - 1) // 2
+    n_options = min(max(candidates, 2), MAX_OPTIONS)
+    worst = (
+        FREEFORM_SAMPLE_PROMPTS
+        + pairs * max(0, judge_prompts_per_pair)
+        + unbounded_prompts(method, n_options)
+    )
+    if max_prompts <= 0:
+        return worst
+    return min(worst, max(max_prompts, freeform_min_prompts(method)))
+
+
+#: A free-form option is a short sampled answer (at most 12 tokens), or the given answer.
+FREEFORM_OPTION_BYTES = 40
+
+
+def freeform_prompt_size(question_bytes: int, samples: int, given_bytes: int | None) -> float:
+    """``prompt_size`` for a free-form question: its UF prompts at their largest, the
+    options being the groups of the K samples (short answers) and the given answer's, as
+    many as ``freeform_planned_prompts`` plans for. The samples' and the judge's prompts
+    hold fewer texts, so this errs on the slow side, as the plan does."""
+    n_options = min(max(samples, 2), MAX_OPTIONS)
+    options = [FREEFORM_OPTION_BYTES] * n_options
+    if given_bytes is not None:
+        options = [*options[: MAX_OPTIONS - 1], given_bytes]
+    return prompt_size(question_bytes, options)

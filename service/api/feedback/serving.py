@@ -26,7 +26,7 @@ from service.api.feedback.protocol import (
     ReliabilityBinOut,
 )
 from service.api.json_body import StrictJSONRoute
-from service.api.score.protocol import ScoreRequest, ScoreResponse
+from service.api.score.protocol import ScoreRequest, ScoreResponse, freeform_options
 from service.api.security import CHALLENGE, ApiKeys, bearer_token
 from service.config import Settings
 from service.recalibration import RecalibrationConfig, Recalibrator, source_id
@@ -137,24 +137,37 @@ async def record_score(
 ) -> JSONResponse | None:
     """Save a successful score; a 409 reply if its id already has feedback, else ``None``.
 
+    The stored answer is the one the reply scores for the client: the given answer when
+    the request had one (so /feedback judges it, and the calibrators learn from it), else
+    the model's. A free-form score is kept like a multiple-choice one whose options are
+    those UF ran over (the groups' representatives, then the abstention if one was added);
+    the given answer's index is its group's. No column says the task (schema unchanged).
+
     While the database is unreachable the score waits in the store's queue (or is dropped
     and counted when the queue is full); neither fails the score.
     """
     if state.store is None:
         return None
+    options = freeform_options(response) if body.options is None else body.options
+    given = response.given
+    if given is not None and given.index is not None:
+        answer_index, confidence, raw = given.index, given.confidence, given.raw_confidence
+    else:
+        answer_index = response.answer.index
+        confidence, raw = response.confidence, response.raw_confidence
     record = ScoreRecord(
         id=response.id,
         model=response.model,
         method=response.method,
         mode=response.mode,
-        answer_index=response.answer.index,
-        confidence=response.confidence,
+        answer_index=answer_index,
+        confidence=confidence,
         uncertainty=response.uncertainty,
-        n_options=len(body.options),
+        n_options=len(options),
         created_at=time.time(),
         question=body.question,
-        options=body.options,
-        raw_confidence=response.raw_confidence,
+        options=options,
+        raw_confidence=raw,
         calibrator_version=None if response.calibrator is None else response.calibrator.version,
     )
     try:
