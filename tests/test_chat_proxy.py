@@ -165,6 +165,19 @@ def test_score_false_passes_through_unscored(
     assert streamed and all(_ufcal(c) is None for c in streamed)
 
 
+def test_chat_requests_are_counted(client: openai.OpenAI, ufcal: ThreadedApp) -> None:
+    client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, extra_body={"ufcal": {"score": False}}
+    )
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, extra_body={"ufcal": {"samples": "x"}}
+        )
+    metrics = httpx.get(ufcal.base_url + "/metrics").text
+    assert 'ufcal_chat_requests_total{scored="false",status="200",stream="false"}' in metrics
+    assert 'ufcal_chat_requests_total{scored="true",status="422",stream="false"}' in metrics
+
+
 def test_models_pass_through(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list()] == [MODEL]
 

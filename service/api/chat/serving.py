@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -56,7 +56,13 @@ from service.api.chat.protocol import (
     ChatScoreFailure,
     OptionScore,
 )
-from service.api.common import ERROR_RESPONSES, AppState, app_state, error_response
+from service.api.common import (
+    ERROR_RESPONSES,
+    AppState,
+    ServiceUnavailable,
+    app_state,
+    error_response,
+)
 from service.api.json_body import (
     InvalidBody,
     StrictJSONRoute,
@@ -395,9 +401,39 @@ async def chat_completions(
 ) -> Response:
     """An OpenAI chat completion from the engine, with the calibrated confidence of its
     answer to the last user turn (``ufcal``; ``ufcal.score: false``: unscored)."""
+    seen = _Seen()
+    status = 500
+    try:
+        response = await _chat_completion(request, state, seen)
+        status = response.status_code
+        return response
+    except HTTPException as exc:
+        status = exc.status_code
+        raise
+    except RequestValidationError:
+        status = 422
+        raise
+    except ServiceUnavailable:
+        status = 503
+        raise
+    finally:
+        state.telemetry.observe_chat(seen.scored, seen.stream, status)
+
+
+@dataclass
+class _Seen:
+    """What a chat request turned out to be (for its metric)."""
+
+    scored: bool = True
+    stream: bool = False
+
+
+async def _chat_completion(request: Request, state: AppState, seen: _Seen) -> Response:
     body = await read_chat_body(request)
     had_controls = "ufcal" in body
     controls = read_controls(body)
+    seen.scored = controls.score
+    seen.stream = body.get("stream") is True
     plan = plan_scoring(body, controls, state.settings) if controls.score else None
     engine = _engine(state)
     if isinstance(engine, JSONResponse):
