@@ -37,10 +37,11 @@ def _check(ufcal: dict[str, Any], reply: str) -> None:
     assert 0.0 <= ufcal["confidence"] <= 1.0
     assert [o["text"] for o in ufcal["options"]] == OPTIONS
     assert sum(o["probability"] for o in ufcal["options"]) == pytest.approx(1.0, abs=1e-6)
-    given = ufcal["given"]
-    if given is None:  # a chance-level model may name no option
-        assert ufcal["confidence"] == pytest.approx(ufcal["raw_confidence"], abs=1.0)
-    else:
+    assert ufcal["answer"]["text"] == OPTIONS[ufcal["answer"]["index"]]
+    # UF: (1 - U) x F(answer) <= 1 - U, whichever answer is rated
+    assert ufcal["raw_confidence"] <= 1.0 - ufcal["uncertainty"] + 1e-9
+    given = ufcal["given"]  # None: the reply names no option (a chance-level model may not)
+    if given is not None:
         assert given["text"] == reply
         assert OPTIONS[given["index"]] == ufcal["options"][given["index"]]["text"]
 
