@@ -5,6 +5,7 @@ key left in the forwarded body would be a 400)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -345,3 +346,61 @@ def test_an_engine_that_fails_is_a_502_or_503(chat: Any, expected: int) -> None:
             with pytest.raises(openai.APIStatusError) as caught:
                 served_client.models.list()
             assert caught.value.status_code == 503
+
+
+def test_a_body_over_the_limit_is_a_413(client: openai.OpenAI) -> None:
+    huge = [{"role": "user", "content": "x" * 1_100_000}]
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model=MODEL, messages=huge)
+    assert caught.value.status_code == 413
+
+
+def _completion_or_slow_scoring(request: httpx.Request) -> Any:
+    """The chat turn is answered at once (whole or streamed); scoring's requests are slow."""
+
+    async def handle() -> httpx.Response:
+        body = json.loads(request.content) if request.content else {}
+        if body.get("messages") != MESSAGES:
+            await asyncio.sleep(2.0)
+            return httpx.Response(503)
+        reply = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "B"},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+        if not body.get("stream"):
+            return httpx.Response(200, json=reply)
+        event = {**reply, "object": "chat.completion.chunk"}
+        event["choices"] = [{"index": 0, "delta": {"role": "assistant", "content": "B"}}]
+        sse = b"data: " + json.dumps(event).encode() + b"\n\ndata: [DONE]\n\n"
+        return httpx.Response(200, content=sse, headers={"content-type": "text/event-stream"})
+
+    return handle()
+
+
+def test_scoring_past_the_deadline_is_a_504_or_an_error_in_the_last_chunk() -> None:
+    app = create_app(
+        _settings(request_timeout_s=0.3), engine=_scripted_engine(_completion_or_slow_scoring)
+    )
+    with ThreadedApp(app) as served:
+        served_client = openai.OpenAI(base_url=served.base_url + "/v1", api_key=KEY, max_retries=0)
+        controls = {"ufcal": {"options": OPTIONS}}
+        with pytest.raises(openai.APIStatusError) as caught:
+            served_client.chat.completions.create(
+                model=MODEL, messages=MESSAGES, extra_body=controls
+            )
+        assert caught.value.status_code == 504
+        *tokens, last = served_client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, stream=True, extra_body=controls
+        )
+        assert [c.choices[0].delta.content for c in tokens] == ["B"]
+        assert _ufcal(last)["error"]["status"] == 504
+        assert isinstance(_ufcal(last)["error"]["detail"], str)
