@@ -31,6 +31,7 @@ closes its HTTP connection, which makes vLLM's server abort the request."""
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import logging
 import math
 import random
@@ -124,6 +125,7 @@ class OpenAIHTTPEngine:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
             headers=headers,
+            cookies=NoCookies(),
             timeout=httpx.Timeout(timeout_s, connect=5.0),
             limits=httpx.Limits(
                 max_connections=max_connections,
@@ -649,6 +651,17 @@ class OpenAIHTTPEngine:
 
 
 _JSON = {"content-type": "application/json"}
+
+
+class NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps none: the engines' APIs are stateless, and reading every
+    reply's cookies was a tenth of the chat pass-through's time in the profile."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+    def add_cookie_header(self, request: Any) -> None:
+        return None
 
 
 class UpstreamStream:
