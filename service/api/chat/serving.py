@@ -7,8 +7,9 @@ the chunks pass through as they come, and one last chunk before ``data: [DONE]``
 the ``ufcal`` object; the scoring starts after the engine's last chunk.
 
 Scoring is /score's: the last user turn (with the conversation before it as context,
-``conversation.py``) becomes a ``ScoreRequest`` scored by ``score_request`` under admission
-and the request deadline, so metrics, logs, the store and /feedback treat it as a /score.
+``conversation.py``) becomes a ``ScoreRequest`` scored by /score's own ``admitted_score``
+(admission, the request deadline, the fitted budget), so metrics, logs, the store and
+/feedback treat it as a /score.
 The completion itself is the engine's ordinary traffic: it is not admitted (its length is
 the client's ``max_tokens``, not ufcal's planned work) and ``ufcal.score: false`` makes the
 whole request a plain pass-through.
@@ -25,7 +26,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
@@ -35,7 +35,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
-from service.api.admission import DeadlineExceeded, DeadlineUnreachable, Overloaded
 from service.api.chat.conversation import (
     ChatInputError,
     EventSplitter,
@@ -73,7 +72,7 @@ from service.api.json_body import (
 )
 from service.api.limits import score_limit_issues
 from service.api.score.protocol import ScoreRequest, ScoreResponse
-from service.api.score.serving import planned_work, score_request
+from service.api.score.serving import admitted_score
 from service.config import Settings
 from service.engines.base import ChatCompletions, ChatForward, ChatStream, EngineError
 from service.engines.chat_openai import DONE, chunk
@@ -250,28 +249,6 @@ def _passed(reply_status: int, body: bytes, media_type: str) -> Response:
 # -- scoring the reply -----------------------------------------------------------------------
 
 
-async def _admitted_score(state: AppState, body: ScoreRequest) -> ScoreResponse | JSONResponse:
-    """``score_request`` under admission and the deadline, as ``POST /score`` runs it."""
-    settings = state.settings
-    started = time.perf_counter()
-    try:
-        return await state.admission.run(
-            lambda: score_request(state, body),
-            cost=1,
-            planned=planned_work(body, settings),
-            measure=lambda out: out.usage.prompts if isinstance(out, ScoreResponse) else None,
-            timeout_s=settings.request_timeout_s,
-        )
-    except (Overloaded, DeadlineExceeded, DeadlineUnreachable) as exc:
-        mode = body.mode or settings.mode
-        reply = error_response(exc, mode)
-        state.telemetry.observe_error(
-            body.method, mode, reply.status_code, time.perf_counter() - started
-        )
-        log.warning("chat score refused", extra={"fields": {"status": reply.status_code}})
-        return reply
-
-
 def _given(
     response: ScoreResponse, text: str, options: list[str] | None, match: OptionMatch | None
 ) -> ChatGiven | None:
@@ -364,7 +341,7 @@ async def score_reply(state: AppState, plan: ChatPlan, text: str) -> ChatScore |
         body = build_score_request(fields, state.settings, plan.turn.index)
     except RequestValidationError as exc:
         return JSONResponse({"detail": _plain(exc.errors())}, status_code=422)
-    outcome = await _admitted_score(state, body)
+    outcome = await admitted_score(state, body)
     if isinstance(outcome, JSONResponse):
         return _relocated_reply(outcome, plan.turn.index)
     return chat_score(outcome, plan, body.options, text, match)
