@@ -1,6 +1,7 @@
-"""The OpenAI sidecar on the in-process vLLM engine with the real SmolLM2 (``ufcal serve``
-with no engine URL, as ``make serve`` runs it), driven by the official ``openai`` client:
-a plain and a streamed completion of a multiple-choice turn, each scored."""
+"""The OpenAI sidecar on the real SmolLM2, driven by the official ``openai`` client: a plain
+and a streamed completion of a multiple-choice turn, each scored, on the in-process vLLM
+engine (``ufcal serve`` with no engine URL, as ``make serve`` runs it) and on vLLM's own
+OpenAI server behind ``UFCAL_ENGINE_URL`` (its chunks passed through)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def _check(ufcal: dict[str, Any], reply: str) -> None:
     assert ufcal["model"] == EMBEDDED_NAME
     assert ufcal["mode"] == "logprobs"
     assert ufcal["context_turns"] == 2
+    assert ufcal["answer"] is not None
     assert 0.0 <= ufcal["confidence"] <= 1.0
     assert [o["text"] for o in ufcal["options"]] == OPTIONS
     assert sum(o["probability"] for o in ufcal["options"]) == pytest.approx(1.0, abs=1e-6)
@@ -46,10 +48,9 @@ def _check(ufcal: dict[str, Any], reply: str) -> None:
         assert OPTIONS[given["index"]] == ufcal["options"][given["index"]]["text"]
 
 
-def test_chat_completion_plain_and_streamed_on_the_in_process_engine(
-    ufcal_local: ServerProcess,
-) -> None:
-    client = _client(ufcal_local)
+@pytest.mark.parametrize("server", ["ufcal_local", "ufcal_remote"])
+def test_chat_completion_plain_and_streamed(server: str, request: pytest.FixtureRequest) -> None:
+    client = _client(request.getfixturevalue(server))
     assert [m.id for m in client.models.list()] == [EMBEDDED_NAME]
     raw = client.chat.completions.with_raw_response.create(
         model=EMBEDDED_NAME,

@@ -221,8 +221,7 @@ def plan_scoring(body: dict[str, Any], controls: ChatControls, settings: Setting
                 }
             ]
         )
-    if controls.options is not None:
-        build_score_request(fields, settings, turn.index)  # the answer does not change these
+    build_score_request(fields, settings, turn.index)  # the answer, added later, is checked then
     return ChatPlan(controls, turn, fields)
 
 
@@ -267,7 +266,7 @@ def _given(
         return None
     if scored is not None:
         confidence, raw = scored.confidence, scored.raw_confidence
-    elif match.index == response.answer.index:  # a scorer without given answers
+    elif match.index == response.answer.index:  # a ScoreResponse without ``given``
         confidence, raw = response.confidence, response.raw_confidence
     else:
         confidence = raw = None
