@@ -263,6 +263,13 @@ class Telemetry:
             "Scores dropped because the database was unreachable and the queue was full.",
             registry=r,
         )
+        self.chat_requests = Counter(
+            "ufcal_chat_requests",
+            "POST /v1/chat/completions by whether it was scored and streamed, and the HTTP "
+            "status (its scoring is also counted as a scoring request).",
+            ("scored", "stream", "status"),
+            registry=r,
+        )
         self.engine_up.set(0)
 
     # -- scoring ---------------------------------------------------------------------------
@@ -291,6 +298,11 @@ class Telemetry:
             child(self.uncertainty, method, mode).observe(uncertainty)
         if unparsed:
             child(self.unparsed, method, mode).inc(int(unparsed))
+
+    def observe_chat(self, scored: bool, stream: bool, status: int) -> None:
+        """Count one chat completion request (the sidecar)."""
+        labels = ("true" if scored else "false", "true" if stream else "false", str(status))
+        self._child(self.chat_requests, *labels).inc()
 
     def observe_error(self, method: str, mode: str, status: int | str, duration_s: float) -> None:
         """Record a request that failed (validation error, engine failure, ...)."""

@@ -178,3 +178,48 @@ def fake_server(
     if die_after is not None:
         argv += ["--die-after", str(die_after)]
     return ServerProcess(name, argv, {"UFCAL_LOG_LEVEL": "warning", **env}, port, log_dir)
+
+
+class ThreadedApp:
+    """An ASGI app (its lifespan included) served by uvicorn in a daemon thread on a free
+    port of 127.0.0.1, for tests that drive it with a real HTTP client."""
+
+    def __init__(self, app: object) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app,  # type: ignore[arg-type]
+            host="127.0.0.1",
+            port=self.port,
+            log_level=None,
+            log_config=None,  # uvicorn's own config would rewire the test process's loggers
+            access_log=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def start(self, ready_path: str = "/readyz", timeout_s: float = 30.0) -> ThreadedApp:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self._thread.is_alive():
+                raise RuntimeError("the app's server thread exited")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.base_url + ready_path, timeout=2.0).status_code == 200:
+                    return self
+            time.sleep(0.05)
+        raise RuntimeError(f"the app was not ready at {ready_path} after {timeout_s} s")
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(15)
+
+    def __enter__(self) -> ThreadedApp:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

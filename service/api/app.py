@@ -23,6 +23,7 @@ from service.api.admission import (
     RateMeter,
 )
 from service.api.calibrators import serving as calibrators_serving
+from service.api.chat import serving as chat_serving
 from service.api.common import AppState, ServiceUnavailable, app_state, error_response, one_line
 from service.api.errors import install_error_handlers
 from service.api.feedback import serving as feedback_serving
@@ -176,6 +177,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(feedback_serving.router)
     app.include_router(calibrators_serving.router)
     app.include_router(scores_serving.router)
+    app.include_router(chat_serving.router)
     if settings.ui:
         app.include_router(web_serving.build_router())
 

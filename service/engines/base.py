@@ -10,9 +10,9 @@ prefix cache serves what they share; an adapter over one engine ignores it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from service.calibration.prompts import Prompt
 
@@ -138,4 +138,57 @@ class PromptTokenCounters(Protocol):
 
     async def prompt_token_counters(self) -> dict[str, float] | None:
         """``{"computed": ..., "cached": ...}`` so far, or None when unavailable."""
+        ...
+
+
+@dataclass(frozen=True)
+class ChatForward:
+    """A client's OpenAI chat completion request as the engine is to receive it: the parsed
+    body (for an engine that runs the model itself) and the same body as JSON bytes (for one
+    that forwards them unchanged); ``key`` groups a conversation's requests on one server."""
+
+    body: Mapping[str, Any]
+    raw: bytes
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """An engine's whole answer to a chat request, as it goes on the wire: an OpenAI
+    ``chat.completion`` (or model list) on 200, else the engine's own error body."""
+
+    status: int
+    body: bytes
+    media_type: str = "application/json"
+
+
+class ChatStream(Protocol):
+    """A streamed answer: ``status`` is known before the first chunk is read; iterating
+    yields the body's bytes as they come (server-sent events on 200); ``aclose`` releases
+    the connection (safe to call twice)."""
+
+    status: int
+    media_type: str
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ChatCompletions(Protocol):
+    """An engine that answers OpenAI chat completions itself (``POST /v1/chat/completions``
+    and ``GET /v1/models`` pass through it). Client errors come back as replies with the
+    engine's 4xx; ``EngineError`` / ``EngineUnavailable`` mean the engine failed."""
+
+    async def chat_completion(self, request: ChatForward) -> ChatReply:
+        """The whole completion (``stream`` is not set)."""
+        ...
+
+    async def chat_completion_stream(self, request: ChatForward) -> ChatStream:
+        """The completion streamed (``stream: true``); the status is read, the body not."""
+        ...
+
+    async def list_models(self) -> ChatReply:
+        """The OpenAI model list."""
         ...

@@ -31,18 +31,21 @@ closes its HTTP connection, which makes vLLM's server abort the request."""
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import logging
 import math
 import random
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import httpx
 
 from service.calibration.prompts import Prompt, letter_forms
 from service.engines.base import (
+    ChatForward,
+    ChatReply,
     EngineError,
     EngineFeatureMissing,
     EngineRejected,
@@ -122,6 +125,7 @@ class OpenAIHTTPEngine:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
             headers=headers,
+            cookies=NoCookies(),
             timeout=httpx.Timeout(timeout_s, connect=5.0),
             limits=httpx.Limits(
                 max_connections=max_connections,
@@ -167,11 +171,17 @@ class OpenAIHTTPEngine:
             else:
                 log.warning("engine down", extra={"fields": {"engine": base}})
 
-    async def _post(self, path: str, body: dict[str, Any], key: str | None = None) -> Any:
-        """POST to the server for ``key`` with retries of connection-level failures for up
-        to ``retry_s``, each on the server routing names then (a failed one is marked down,
-        so the next in rank); a single attempt when every server is already known to be
-        down (a fast 503, no pile-up)."""
+    async def _send(
+        self,
+        path: str,
+        key: str | None,
+        send: Callable[[str], Awaitable[httpx.Response]],
+    ) -> tuple[str, httpx.Response]:
+        """``send(url)`` to the server for ``key`` with retries of connection-level failures
+        and 502/503/504 answers for up to ``retry_s``, each on the server routing names
+        then (a failed one is marked down, so the next in rank); a single attempt when
+        every server is already known to be down (a fast 503, no pile-up). The URL and
+        the first answer that is not retried (a streamed one still open)."""
         give_up = time.monotonic() + (0.0 if self._router.all_down else self._retry_s)
         attempt = 0
         while True:
@@ -179,7 +189,7 @@ class OpenAIHTTPEngine:
             url = server + path
             try:
                 with self._router.sending(server):
-                    response = await self._client.post(url, json=body)
+                    response = await send(url)
             except _RETRYABLE as exc:
                 failure = f"engine at {url} is unreachable: {type(exc).__name__}: {exc}"
             except httpx.TimeoutException as exc:
@@ -188,7 +198,9 @@ class OpenAIHTTPEngine:
                 raise EngineUnavailable(f"engine at {url} is unreachable: {exc}") from exc
             else:
                 if response.status_code not in _RETRY_STATUS:
-                    break
+                    self._mark(server, up=True)
+                    return url, response
+                await response.aclose()
                 failure = f"engine at {url} answered {response.status_code}"
             self._mark(server, up=False)
             delay = min(self._max_backoff_s, self._backoff_s * 2**attempt)
@@ -198,7 +210,11 @@ class OpenAIHTTPEngine:
             self.retries += 1
             attempt += 1
             await asyncio.sleep(delay)
-        self._mark(server, up=True)
+
+    async def _post(self, path: str, body: dict[str, Any], key: str | None = None) -> Any:
+        """POST ``body`` as JSON (``_send``: retries, failover) and read the JSON reply;
+        an error status becomes the matching ``EngineError``."""
+        url, response = await self._send(path, key, lambda url: self._client.post(url, json=body))
         if response.status_code >= 500:
             raise EngineUnavailable(f"engine at {url} answered {response.status_code}")
         if response.status_code == 404:
@@ -217,6 +233,50 @@ class OpenAIHTTPEngine:
             return response.json()
         except ValueError as exc:
             raise EngineError(f"engine at {url} sent a reply that is not JSON") from exc
+
+    # -- chat completions (POST /v1/chat/completions through ufcal) ----------------------
+
+    async def chat_completion(self, request: ChatForward) -> ChatReply:
+        """The client's body forwarded unchanged to ``/v1/chat/completions`` of the server
+        for its key, the reply returned unchanged (an error status too: it is the server's
+        answer to the client's request); a server that fails is ``EngineUnavailable``."""
+        url, response = await self._send(
+            "/v1/chat/completions",
+            request.key,
+            lambda url: self._client.post(url, content=request.raw, headers=_JSON),
+        )
+        if response.status_code >= 500:
+            raise EngineUnavailable(f"engine at {url} answered {response.status_code}")
+        return ChatReply(
+            response.status_code,
+            response.content,
+            response.headers.get("content-type", "application/json"),
+        )
+
+    async def chat_completion_stream(self, request: ChatForward) -> UpstreamStream:
+        """As ``chat_completion`` with the reply's body left open: its bytes are read as
+        the server sends them."""
+
+        async def send(url: str) -> httpx.Response:
+            built = self._client.build_request("POST", url, content=request.raw, headers=_JSON)
+            return await self._client.send(built, stream=True)
+
+        url, response = await self._send("/v1/chat/completions", request.key, send)
+        if response.status_code >= 500:
+            await response.aclose()
+            raise EngineUnavailable(f"engine at {url} answered {response.status_code}")
+        return UpstreamStream(response, url)
+
+    async def list_models(self) -> ChatReply:
+        """The first healthy server's ``GET /v1/models``, unchanged."""
+        url, response = await self._send("/v1/models", None, self._client.get)
+        if response.status_code >= 500:
+            raise EngineUnavailable(f"engine at {url} answered {response.status_code}")
+        return ChatReply(
+            response.status_code,
+            response.content,
+            response.headers.get("content-type", "application/json"),
+        )
 
     async def start(self) -> None:
         if self._api_setting == "auto":
@@ -588,6 +648,48 @@ class OpenAIHTTPEngine:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+_JSON = {"content-type": "application/json"}
+
+
+class NoCookies(http.cookiejar.CookieJar):
+    """A cookie jar that keeps none: the engines' APIs are stateless, and reading every
+    reply's cookies was a tenth of the chat pass-through's time in the profile."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+    def add_cookie_header(self, request: Any) -> None:
+        return None
+
+
+class UpstreamStream:
+    """A server's streamed reply (a ``ChatStream``): its bytes as they arrive, decoded
+    from any content encoding but otherwise untouched."""
+
+    def __init__(self, response: httpx.Response, url: str) -> None:
+        self._response = response
+        self._url = url
+        self.status = response.status_code
+        self.media_type = response.headers.get("content-type", "text/event-stream")
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for part in self._response.aiter_bytes():
+                yield part
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(
+                f"engine at {self._url} broke off the stream: {type(exc).__name__}"
+            ) from exc
+        finally:
+            await self._response.aclose()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
 def _reply_texts(reply: Any, *, chat: bool) -> list[str]:

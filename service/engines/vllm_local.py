@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from service.calibration.prompts import Prompt
 from service.config import Dtype
+from service.engines import chat_openai
 from service.engines.base import (
+    ChatForward,
+    ChatReply,
     EngineError,
     EngineRejected,
     EngineUnavailable,
@@ -72,6 +76,7 @@ class LocalVLLMEngine:
         self._llm: Any = None
         self._tokenizer: Any = None
         self._letter_ids: dict[str, list[int]] = {}
+        self._started_at = int(time.time())
 
     @property
     def model(self) -> str:
@@ -237,6 +242,81 @@ class LocalVLLMEngine:
         counts = [len(self._tokenizer.encode(self._render(p))) for p in prompts]
         return TokenCounts(counts, int(self._llm.model_config.max_model_len))
 
+    # -- chat completions (POST /v1/chat/completions through ufcal) ----------------------
+
+    def _chat_request(self, request: ChatForward) -> tuple[str, Any, bool]:
+        """The prompt text, vLLM's sampling parameters and ``include_usage`` of a chat
+        request (``ChatRequestError`` for what cannot be served)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if self._llm is None:
+            raise EngineUnavailable("engine not started")
+        decoding = chat_openai.read_decoding(request.body, self.model)
+        text = str(
+            self._tokenizer.apply_chat_template(
+                decoding.messages, tokenize=False, add_generation_prompt=True
+            )
+        )
+        params = SamplingParams(
+            n=decoding.n,
+            temperature=decoding.temperature,
+            top_p=decoding.top_p,
+            max_tokens=decoding.max_tokens,  # None: up to the context
+            stop=list(decoding.stop) or None,
+            seed=decoding.seed,
+            presence_penalty=decoding.presence_penalty,
+            frequency_penalty=decoding.frequency_penalty,
+            output_kind=(
+                RequestOutputKind.DELTA if decoding.stream else RequestOutputKind.FINAL_ONLY
+            ),
+        )
+        return text, params, decoding.include_usage
+
+    async def chat_completion(self, request: ChatForward) -> ChatReply:
+        """A whole ``chat.completion`` of the model's chat template over the messages."""
+        try:
+            text, params, _ = self._chat_request(request)
+            final = await self._run(text, params)
+        except chat_openai.ChatRequestError as exc:
+            return exc.reply()
+        except EngineRejected as exc:
+            return chat_openai.error_reply(400, str(exc))
+        choices = [
+            chat_openai.ChoiceOut(o.text, o.finish_reason, len(o.token_ids))
+            for o in sorted(final.outputs, key=lambda o: o.index)
+        ]
+        return chat_openai.completion(
+            f"chatcmpl-{uuid.uuid4().hex}", self.model, choices, len(final.prompt_token_ids or ())
+        )
+
+    async def chat_completion_stream(self, request: ChatForward) -> _LocalChatStream | _Whole:
+        """The completion as ``chat.completion.chunk`` events; the first output is awaited
+        here, so a refused request is an error reply, not a broken stream."""
+        try:
+            text, params, include_usage = self._chat_request(request)
+        except chat_openai.ChatRequestError as exc:
+            return _Whole(exc.reply())
+        if self.dead:
+            raise EngineUnavailable("the in-process vLLM engine died; the service is restarting")
+        outputs = self._llm.generate(text, params, uuid.uuid4().hex)
+        try:
+            first = await anext(outputs)
+        except StopAsyncIteration as exc:
+            raise EngineError("vLLM returned no output") from exc
+        except Exception as exc:
+            await outputs.aclose()
+            if self.dead:
+                raise EngineUnavailable(f"in-process vLLM engine died: {exc}") from exc
+            if _caused_by_request(exc):
+                return _Whole(chat_openai.error_reply(400, f"vLLM refused the request: {exc}"))
+            raise EngineError(f"vLLM failed: {exc}") from exc
+        return _LocalChatStream(self.model, first, outputs, include_usage)
+
+    async def list_models(self) -> ChatReply:
+        """The one served model."""
+        return chat_openai.model_list(self.model, self._started_at)
+
     async def reset_prefix_cache(self) -> bool:
         """Empty the prefix cache (benchmarks: each variant starts cold)."""
         if self._llm is None:
@@ -250,6 +330,80 @@ class LocalVLLMEngine:
                 llm.shutdown()
             except Exception as exc:  # a dead engine may fail to shut down cleanly
                 log.warning("vLLM shutdown failed: %s", exc)
+
+
+class _Whole:
+    """A ``ChatStream`` of one whole reply (an error before any token)."""
+
+    def __init__(self, reply: ChatReply) -> None:
+        self.status = reply.status
+        self.media_type = reply.media_type
+        self._body = reply.body
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        yield self._body
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _LocalChatStream:
+    """vLLM's delta outputs of one request as ``chat.completion.chunk`` events, then
+    ``[DONE]``; closing it early aborts the vLLM request."""
+
+    status = 200
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, model: str, first: Any, outputs: AsyncIterator[Any], include_usage: bool
+    ) -> None:
+        self._model = model
+        self._first = first
+        self._outputs = outputs
+        self._include_usage = include_usage
+        self._id = f"chatcmpl-{uuid.uuid4().hex}"
+        self._created = int(time.time())
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return chat_openai.chunk(self._id, self._created, self._model, choices, **extra)
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        started: set[int] = set()
+        completion_tokens = 0
+        prompt_tokens = len(self._first.prompt_token_ids or ())
+        output: Any = self._first
+        try:
+            while output is not None:
+                choices = []
+                for o in output.outputs:
+                    delta = {"content": o.text}
+                    if o.index not in started:
+                        started.add(o.index)
+                        delta = {"role": "assistant", **delta}
+                    completion_tokens += len(o.token_ids)
+                    if o.text or o.finish_reason or len(delta) > 1:
+                        choices.append(chat_openai.delta_choice(o.index, delta, o.finish_reason))
+                if choices:
+                    yield self._chunk(choices)
+                output = await anext(self._outputs, None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # after the status went out: end the stream broken
+            raise EngineError(f"vLLM failed mid-stream: {exc}") from exc
+        finally:
+            await self._outputs.aclose()  # type: ignore[attr-defined]
+        if self._include_usage:
+            yield self._chunk([], usage=chat_openai.usage(prompt_tokens, completion_tokens))
+        yield chat_openai.DONE
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def aclose(self) -> None:
+        await self._outputs.aclose()  # type: ignore[attr-defined]
 
 
 def _caused_by_request(exc: Exception) -> bool:

@@ -353,6 +353,13 @@ async def score_question(
     score a given answer)."""
     if issues := score_issues(body, state.settings):
         raise RequestValidationError(issues)
+    return await admitted_score(state, body)
+
+
+async def admitted_score(state: AppState, body: ScoreRequest) -> ScoreResponse | JSONResponse:
+    """Score a request within its limits as ``POST /score`` does: under admission and the
+    deadline, a default budget fitted to it; a refusal (429, 504, 422) is the reply. The
+    chat sidecar scores its turns through this too."""
     started = time.perf_counter()
     timeout_s = state.settings.request_timeout_s
     size = prompt_size_of(body, state.settings)
