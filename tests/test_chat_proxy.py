@@ -16,7 +16,6 @@ import pytest
 
 from service.api.app import create_app
 from service.api.chat.protocol import CONFIDENCE_HEADER
-from service.api.chat.serving import FREE_FORM
 from service.config import Settings
 from service.engines.openai_http import OpenAIHTTPEngine
 from tests.openai_standard_server import Script, StandardServer
@@ -50,9 +49,6 @@ UFCAL_FIELDS = {
     "usage",
     "latency_ms",
 }
-needs_free_form = pytest.mark.skipif(
-    not FREE_FORM, reason="free-form scoring (ScoreRequest.answer) is not merged yet"
-)
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -265,14 +261,6 @@ def test_the_engine_refusal_of_a_chat_request_passes_through(client: openai.Open
     assert "no_such_field" in caught.value.response.json()["error"]["message"]
 
 
-@pytest.mark.skipif(FREE_FORM, reason="free-form turns are scored once the contract is merged")
-def test_a_free_form_turn_needs_options_until_free_form_scoring(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.UnprocessableEntityError) as caught:
-        client.chat.completions.create(model=MODEL, messages=MESSAGES)
-    assert caught.value.response.json()["detail"][0]["loc"] == ["body", "ufcal", "options"]
-
-
-@needs_free_form
 def test_a_free_form_turn_is_scored_with_groups(client: openai.OpenAI) -> None:
     completion = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Name the largest planet."}]
@@ -286,7 +274,6 @@ def test_a_free_form_turn_is_scored_with_groups(client: openai.OpenAI) -> None:
     assert ufcal["confidence"] == ufcal["given"]["confidence"]
 
 
-@needs_free_form
 def test_a_free_form_turn_streams_with_groups(client: openai.OpenAI) -> None:
     *_, last = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Name the largest planet."}], stream=True

@@ -79,9 +79,6 @@ from service.engines.chat_openai import DONE, chunk
 log = logging.getLogger("ufcal.chat")
 router = APIRouter(route_class=StrictJSONRoute)
 
-#: True once the scoring contract has free-form questions (ScoreRequest.answer).
-FREE_FORM = "answer" in ScoreRequest.model_fields
-
 _CHAT_BODY = {
     "requestBody": {
         "required": True,
@@ -209,17 +206,6 @@ def plan_scoring(body: dict[str, Any], controls: ChatControls, settings: Setting
     except ChatInputError as exc:
         raise RequestValidationError([exc.issue()]) from None
     fields = _score_fields(controls, turn.question)
-    if controls.options is None and not FREE_FORM:
-        raise RequestValidationError(
-            [
-                {
-                    "loc": ("body", "ufcal", "options"),
-                    "msg": "this service scores multiple-choice turns: give ufcal.options, "
-                    "or ufcal.score false to pass the request through",
-                    "type": "missing",
-                }
-            ]
-        )
     build_score_request(fields, settings, turn.index)  # the answer, added later, is checked then
     return ChatPlan(controls, turn, fields)
 
@@ -251,7 +237,7 @@ def _given(
     response: ScoreResponse, text: str, options: list[str] | None, match: OptionMatch | None
 ) -> ChatGiven | None:
     """The reply as an answer, with the scorer's confidence in it (``response.given``)."""
-    scored = getattr(response, "given", None)
+    scored = response.given
     if options is None:
         if scored is None:
             return None
@@ -263,12 +249,8 @@ def _given(
         )
     if match is None:
         return None
-    if scored is not None:
-        confidence, raw = scored.confidence, scored.raw_confidence
-    elif match.index == response.answer.index:  # a ScoreResponse without ``given``
-        confidence, raw = response.confidence, response.raw_confidence
-    else:
-        confidence = raw = None
+    confidence = scored.confidence if scored is not None else None
+    raw = scored.raw_confidence if scored is not None else None
     return ChatGiven(
         text=text,
         index=match.index,
@@ -331,9 +313,9 @@ async def score_reply(state: AppState, plan: ChatPlan, text: str) -> ChatScore |
     match = None
     if plan.options is not None:
         match = match_option(text, [o.strip() for o in plan.options])
-        if FREE_FORM and match is not None:
+        if match is not None:
             fields["answer"] = match.index
-    elif FREE_FORM:
+    else:
         fields["answer"] = text if text.strip() else None
     try:
         body = build_score_request(fields, state.settings, plan.turn.index)
