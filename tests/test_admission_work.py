@@ -19,7 +19,6 @@ import httpx
 import pytest
 
 from service.api.admission import Admission, DeadlineUnreachable, Overloaded, RateMeter
-from service.calibration.prompts import Prompt, PromptTemplate, Question, all_options, render
 from tests.fakes import FakeCall, FakeEngine
 from tests.test_api import _settings, serve
 from tests.test_budget import _wandering_generate, _wandering_letters
@@ -262,9 +261,8 @@ PHASE_S = 8.0
 
 
 class FixedCostEngine(FakeEngine):
-    """Every prompt takes ``COST_S`` per standard prompt's length (a 4-option question's;
-    a real engine's work grows with the prompt) in one of ``ENGINE_BATCH`` engine lanes
-    (continuous batching); prompts beyond the batch wait their turn."""
+    """Every prompt takes ``COST_S`` in one of ``ENGINE_BATCH`` engine lanes (continuous
+    batching at a fixed cost per prompt); prompts beyond the batch wait their turn."""
 
     def __init__(self) -> None:
         super().__init__(letters=_wandering_letters, generate=_wandering_generate)
@@ -277,19 +275,11 @@ class FixedCostEngine(FakeEngine):
             self._lanes = asyncio.Semaphore(ENGINE_BATCH)
         lanes = self._lanes
 
-        async def one(prompt: Prompt) -> None:
+        async def one() -> None:
             async with lanes:
-                await asyncio.sleep(COST_S * len(prompt.user) / STANDARD_PROMPT_CHARS)
+                await asyncio.sleep(COST_S)
 
-        await asyncio.gather(*(one(p) for p in call.prompts))
-
-
-def _standard_prompt_chars() -> int:
-    question = _question(4)
-    options = question["options"]
-    assert isinstance(options, list)
-    full = Question(str(question["question"]), tuple(options))
-    return len(render(full, all_options(full), PromptTemplate()).user)
+        await asyncio.gather(*(one() for _ in call.prompts))
 
 
 def _question(m: int) -> dict[str, object]:
@@ -398,6 +388,3 @@ async def test_an_idle_service_fits_the_default_budget_to_the_deadline(
         results = [item["result"] for item in batch.json()["results"]]
         assert all(r is not None and r["usage"]["budget_fitted"] for r in results)
         assert sum(r["usage"]["max_prompts"] for r in results) <= usage["max_prompts"] + 2
-
-
-STANDARD_PROMPT_CHARS = _standard_prompt_chars()
