@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
-from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -176,14 +175,6 @@ def _budget_issues(
         )
         return [_issue(loc, f"{source}={effective} is below the {need} prompts {why}", effective)]
     return []
-
-
-def check_score_limits(body: ScoreRequest, settings: Settings) -> None:
-    """Raise a 422 (``loc`` names the field, ``msg`` the limit) when ``body`` is over a
-    configured limit."""
-    issues = score_limit_issues(body, settings)
-    if issues:
-        raise RequestValidationError(issues)
 
 
 _ERROR_SCHEMA = {
