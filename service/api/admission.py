@@ -329,14 +329,17 @@ class Admission:
         own, at the measured rate."""
         return self._forecast(work, size)[2]
 
-    def prompts_within(self, seconds: float, size: float = 1.0) -> int | None:
+    def prompts_within(
+        self, seconds: float, size: float = 1.0, share: float | None = None
+    ) -> int | None:
         """The most prompts of ``size`` that one request may plan to be predicted done,
-        alone on the engine, within ``deadline_share`` of ``seconds`` (None until the rate
-        is measured): a default work budget is fitted to the deadline with it."""
+        alone on the engine, within ``share`` (default ``deadline_share``) of ``seconds``
+        (None until the rate is measured): a default work budget is fitted with it."""
         per_unit = self.seconds_per_unit()
         if per_unit is None or size <= 0:
             return None
-        return math.floor(self.deadline_share * seconds / (size * per_unit))
+        fraction = self.deadline_share if share is None else share
+        return math.floor(fraction * seconds / (size * per_unit))
 
     def _in_time(self, predicted: float, now: float, deadline: float) -> bool:
         return predicted <= self.deadline_share * (deadline - now)

@@ -411,18 +411,23 @@ def prompt_size_of(body: ScoreRequest, settings: Settings) -> float:
     return prompt_size(question_bytes, [len(o.encode()) for o in body.options])
 
 
+#: A fitted budget aims at half the deadline: the warm prediction is within 0.5x-2x, and
+#: under load a large question was seen to run 1.4x its prediction (docs/performance.md).
+FIT_SHARE = 0.5
+
+
 def fitted_budget(
     state: AppState, body: ScoreRequest, timeout_s: float, size: float, share: float = 1.0
 ) -> int | None:
     """The default work budget lowered so that the question, alone on the engine, is
-    predicted to finish within its deadline at the measured rate (with ``share`` of the
-    engine), or None when it fits as it is, the rate is not measured yet or the request
-    sets ``max_prompts`` itself (a budget the client chose stands: if it cannot fit, the
-    reply is 422 ``deadline_unreachable``). Never below the method's minimum: a question
-    that cannot fit even so is refused by admission with that 422."""
+    predicted to finish within ``FIT_SHARE`` of its deadline at the measured rate (with
+    ``share`` of the engine), or None when it fits as it is, the rate is not measured yet
+    or the request sets ``max_prompts`` itself (a budget the client chose stands: if it
+    cannot fit, the reply is 422 ``deadline_unreachable``). Never below the method's
+    minimum: a question that cannot fit even so is refused by admission with that 422."""
     if body.max_prompts is not None:
         return None
-    within = state.admission.prompts_within(timeout_s * share, size)
+    within = state.admission.prompts_within(timeout_s * share, size, FIT_SHARE)
     planned = planned_work(body, state.settings)
     if within is None or within >= planned:
         return None
