@@ -9,7 +9,6 @@ from typing import Any, Literal, get_args
 
 from service.calibration.metrics import ReliabilityBin, calibration_report
 
-
 #: What was scored: a question with options, or a free-form one (``ScoreResponse.task``).
 Task = Literal["multiple_choice", "free_form"]
 TASKS: tuple[Task, ...] = get_args(Task)

@@ -51,7 +51,5 @@ def downgrade() -> None:
     with op.batch_alter_table("calibrators", naming_convention=_NAMING) as batch:
         batch.drop_constraint(_KEY_VERSION, type_="unique")
         batch.drop_column("task")
-        batch.create_unique_constraint(
-            "uq_calibrators_model_method_mode_version", _OLD_KEY_COLUMNS
-        )
+        batch.create_unique_constraint("uq_calibrators_model_method_mode_version", _OLD_KEY_COLUMNS)
     op.drop_column("scores", "task")
