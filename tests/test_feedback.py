@@ -212,6 +212,8 @@ async def test_exactly_one_of_correct_and_gold_index(tmp_path: Path, body: dict[
         r = await client.post("/feedback", json=body)
     assert r.status_code == 422
     assert "exactly one of 'correct' and 'gold_index'" in json.dumps(r.json())
+    field = "gold_index" if "gold_index" in body else "correct"  # both given: the second
+    assert r.json()["detail"][0]["loc"] == ["body", field]
 
 
 async def test_gold_index_range_follows_the_question(db: str) -> None:
