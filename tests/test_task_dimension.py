@@ -381,6 +381,8 @@ async def test_a_database_at_revision_0001_upgrades_in_place(db: str) -> None:
     assert await fetch(db, "SELECT version_num FROM alembic_version") == [(head_revision(),)]
     tasks = await fetch(db, "SELECT id, task FROM scores ORDER BY id")
     assert tasks == [("new", "free_form"), ("old1", "multiple_choice"), ("old2", "multiple_choice")]
+    labels = await fetch(db, "SELECT id, task FROM feedback ORDER BY id")
+    assert labels == tasks  # each label carries its score's task
 
 
 def test_the_live_gauges_of_one_task_leave_the_other_alone() -> None:

@@ -509,6 +509,7 @@ class Store:
                 gold_index=gold_index,
                 received_at=now,
                 source=source,
+                task=_task(row[7]),
             )
             # Two replicas racing: the unique id makes the second insert do nothing.
             inserted = await conn.execute(
@@ -571,7 +572,7 @@ class Store:
                         feedback.c.correct,
                     )
                     .join_from(feedback, scores, feedback.c.id == scores.c.id)
-                    .where(scores.c.task == task)
+                    .where(feedback.c.task == task)
                     .order_by(feedback.c.seq.desc())
                     .limit(self.window)
                 )

@@ -9,6 +9,7 @@ from sqlalchemy import (
     Column,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     Table,
@@ -54,6 +55,9 @@ feedback = Table(
     Column("gold_index", Integer),
     Column("received_at", Float, nullable=False),
     Column("source", Text),  # a hash of the API key that sent it
+    # The judged score's task, copied so that each task's live window is one index range.
+    Column("task", Text, nullable=False, server_default="multiple_choice"),
+    Index("ix_feedback_task_seq", "task", "seq"),
     sqlite_autoincrement=True,
 )
 

@@ -1,8 +1,10 @@
 """The task of a score and of a calibrator: multiple_choice or free_form.
 
 Existing rows were all scored with options, so they become ``multiple_choice`` (the
-column's server default) and an old database upgrades in place. A calibrator's versions
-are numbered per (model, method, mode, task): the unique constraint gains the task.
+column's server default) and an old database upgrades in place. A feedback row carries its
+score's task too, indexed with its arrival order, so that each task's live window is read
+as one index range. A calibrator's versions are numbered per (model, method, mode, task):
+the unique constraint gains the task.
 
 Revision ID: 0002
 Revises: 0001
@@ -40,6 +42,8 @@ def _old_key_constraint() -> str:
 
 def upgrade() -> None:
     op.add_column("scores", _task_column())
+    op.add_column("feedback", _task_column())
+    op.create_index("ix_feedback_task_seq", "feedback", ["task", "seq"])
     old_key = _old_key_constraint()
     with op.batch_alter_table("calibrators", naming_convention=_NAMING) as batch:
         batch.add_column(_task_column())
@@ -52,4 +56,6 @@ def downgrade() -> None:
         batch.drop_constraint(_KEY_VERSION, type_="unique")
         batch.drop_column("task")
         batch.create_unique_constraint("uq_calibrators_model_method_mode_version", _OLD_KEY_COLUMNS)
+    op.drop_index("ix_feedback_task_seq", table_name="feedback")
+    op.drop_column("feedback", "task")
     op.drop_column("scores", "task")
