@@ -1,4 +1,4 @@
-"""The service's calibrators: which one is active for each (model, method, mode), applying it
+"""The service's calibrators: which one is active for each (model, method, mode, task), applying it
 to a raw score, loading calibrator files, and refitting from /feedback labels off the
 request path.
 
@@ -38,7 +38,15 @@ from service.calibration.recalibrate import (
     RefitDecision,
 )
 from service.logs import Stream, log_json_lines
-from service.store import CalibratorKey, CalibratorRecord, FeedbackRecord, LabelRow, Store
+from service.store import (
+    DEFAULT_TASK,
+    TASKS,
+    CalibratorKey,
+    CalibratorRecord,
+    FeedbackRecord,
+    LabelRow,
+    Store,
+)
 from service.telemetry import Telemetry
 
 __all__ = [
@@ -108,12 +116,16 @@ def _int(entry: Mapping[str, Any], name: str, default: int = 0) -> int:
 
 
 def record_from_json(entry: Any, *, status: str = "active") -> CalibratorRecord:
-    """One calibrator of a file (the GET /calibrators shape), validated."""
+    """One calibrator of a file (the GET /calibrators shape), validated; an entry without
+    ``task`` (files written before free-form questions) is a multiple_choice calibrator."""
     if not isinstance(entry, Mapping):
         raise CalibratorError("each calibrator must be an object")
     for name in ("model", "method", "mode"):
         if not isinstance(entry.get(name), str) or not entry[name]:
             raise CalibratorError(f"{name!r} must be a non-empty string")
+    task = entry.get("task", DEFAULT_TASK)
+    if task not in TASKS:
+        raise CalibratorError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
     if entry["method"] not in METHODS:
         raise CalibratorError(f"unknown method {entry['method']!r}; one of {', '.join(METHODS)}")
     if entry["mode"] not in MODES:
@@ -141,6 +153,7 @@ def record_from_json(entry: Any, *, status: str = "active") -> CalibratorRecord:
         metrics=dict(entry.get("metrics", {})),
         fitted_at=float(fitted_at),
         status=status,
+        task=task,
     )
 
 
@@ -150,6 +163,7 @@ def record_to_json(record: CalibratorRecord) -> dict[str, Any]:
         "model": record.model,
         "method": record.method,
         "mode": record.mode,
+        "task": record.task,
         "version": record.version,
         "kind": record.kind,
         "params": record.params,
@@ -177,6 +191,7 @@ def record_from_fit(
         model=key[0],
         method=key[1],
         mode=key[2],
+        task=key[3],
         version=version,
         kind=result.calibrator.kind,
         params=dict(result.calibrator.params),
@@ -353,7 +368,7 @@ class Recalibrator:
 
     def on_feedback(self, record: FeedbackRecord) -> None:
         """Count a label; start a refit of its key when one is due (online mode)."""
-        key = (record.model, record.method, record.mode)
+        key = record.key
         total = self._labels.get(key, 0) + 1
         self._labels[key] = total
         cfg = self.config

@@ -110,7 +110,7 @@ class Telemetry:
         """``remote_engines``: how many vLLM servers UFCAL_ENGINE_URL lists (0 = in-process),
         exported so the alert on a missing vLLM scrape target fires only when one exists."""
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._live_bins: dict[tuple[int, str], set[str]] = {}
+        self._live_bins: dict[tuple[int, str, str], set[str]] = {}
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         # prometheus-client appends ``_total`` to counter names itself.
@@ -179,8 +179,9 @@ class Telemetry:
             ("outcome",),
             registry=r,
         )
-        # The live window, for the returned confidence and the methods' raw scores.
-        live = ("confidence",)
+        # The live window of each task, for the returned confidence and the methods' raw
+        # scores (free-form and multiple-choice labels never share a window).
+        live = ("confidence", "task")
         self.live_accuracy = Gauge(
             "ufcal_live_accuracy", "Accuracy over the live calibration window.", live, registry=r
         )
@@ -205,31 +206,31 @@ class Telemetry:
         self.live_bin_count = Gauge(
             "ufcal_live_bin_count",
             "Scores per reliability bin (label bin = upper edge) in the live window.",
-            ("confidence", "bin"),
+            ("confidence", "task", "bin"),
             registry=r,
         )
         self.live_bin_accuracy = Gauge(
             "ufcal_live_bin_accuracy",
             "Accuracy per reliability bin in the live window.",
-            ("confidence", "bin"),
+            ("confidence", "task", "bin"),
             registry=r,
         )
         self.live_bin_confidence = Gauge(
             "ufcal_live_bin_confidence",
             "Mean confidence per reliability bin in the live window.",
-            ("confidence", "bin"),
+            ("confidence", "task", "bin"),
             registry=r,
         )
-        key = ("model", "method", "mode")
+        key = ("model", "method", "mode", "task")
         self.calibrator_version = Gauge(
             "ufcal_calibrator_version",
-            "Version of the active calibrator of a (model, method, mode).",
+            "Version of the active calibrator of a (model, method, mode, task).",
             key,
             registry=r,
         )
         self.calibrator_labels = Gauge(
             "ufcal_calibrator_labels",
-            "Labels the active calibrator of a (model, method, mode) was fitted on.",
+            "Labels the active calibrator of a (model, method, mode, task) was fitted on.",
             key,
             registry=r,
         )
@@ -350,22 +351,27 @@ class Telemetry:
         """Count one feedback, outcome ``correct`` or ``wrong``."""
         self.feedback.labels("correct" if correct else "wrong").inc()
 
-    def set_live_calibration(self, report: CalibrationReport, confidence: str = "returned") -> None:
-        """Publish the live calibration report of the ``returned`` confidence or of the
-        ``raw`` scores; empty bins export only their count (0)."""
-        self.live_window_size.labels(confidence).set(report.n)
-        self.live_accuracy.labels(confidence).set(_value(report.accuracy))
-        self.live_ece.labels(confidence).set(_value(report.ece))
-        self.live_ipr.labels(confidence).set(_value(report.ipr))
-        self.live_ce.labels(confidence).set(_value(report.ce))
-        self.live_brier.labels(confidence).set(_value(report.brier))
+    def set_live_calibration(
+        self,
+        report: CalibrationReport,
+        confidence: str = "returned",
+        task: str = "multiple_choice",
+    ) -> None:
+        """Publish the live calibration report of one task's window, of the ``returned``
+        confidence or of the ``raw`` scores; empty bins export only their count (0)."""
+        self.live_window_size.labels(confidence, task).set(report.n)
+        self.live_accuracy.labels(confidence, task).set(_value(report.accuracy))
+        self.live_ece.labels(confidence, task).set(_value(report.ece))
+        self.live_ipr.labels(confidence, task).set(_value(report.ipr))
+        self.live_ce.labels(confidence, task).set(_value(report.ce))
+        self.live_brier.labels(confidence, task).set(_value(report.brier))
         # A new report replaces this confidence's bins: no stale labels; an empty bin
         # exports its count only.
         for gauge in (self.live_bin_count, self.live_bin_accuracy, self.live_bin_confidence):
-            for label in self._live_bins.get((id(gauge), confidence), set()):
+            for label in self._live_bins.get((id(gauge), confidence, task), set()):
                 with contextlib.suppress(KeyError):
-                    gauge.remove(confidence, label)
-            self._live_bins[(id(gauge), confidence)] = set()
+                    gauge.remove(confidence, task, label)
+            self._live_bins[(id(gauge), confidence, task)] = set()
         for b in report.bins:
             label = bin_label(b.upper)
             for gauge, value in (
@@ -374,17 +380,17 @@ class Telemetry:
                 (self.live_bin_confidence, b.confidence),
             ):
                 if value is not None:
-                    gauge.labels(confidence, label).set(value)
-                    self._live_bins[(id(gauge), confidence)].add(label)
+                    gauge.labels(confidence, task, label).set(value)
+                    self._live_bins[(id(gauge), confidence, task)].add(label)
 
     # -- calibrators -----------------------------------------------------------------------
 
-    def set_calibrator(self, key: tuple[str, str, str], version: int, labels: int) -> None:
+    def set_calibrator(self, key: tuple[str, str, str, str], version: int, labels: int) -> None:
         """Publish the active calibrator of a key."""
         self.calibrator_version.labels(*key).set(version)
         self.calibrator_labels.labels(*key).set(labels)
 
-    def set_labels_capped(self, key: tuple[str, str, str], capped: int) -> None:
+    def set_labels_capped(self, key: tuple[str, str, str, str], capped: int) -> None:
         """Labels the last refit of a key left out (source over its share)."""
         self.recalibration_labels_capped.labels(*key).set(capped)
 

@@ -167,7 +167,7 @@ def exported() -> tuple[set[str], set[str]]:
     t.set_engine_up(True)
     t.set_live_calibration(_Report())
     t.set_live_calibration(_Report(), "raw")
-    t.set_calibrator(("m", "uf", "logprobs"), 1, 100)
+    t.set_calibrator(("m", "uf", "logprobs", "multiple_choice"), 1, 100)
     t.observe_refit("promoted", 0.1)
     with t.in_flight():
         pass

@@ -86,7 +86,8 @@ async def score(client: httpx.AsyncClient, qid: str, p: float, n: int = 4) -> di
     return body
 
 
-RETURNED = frozenset({("confidence", "returned")})
+MC = ("task", "multiple_choice")
+RETURNED = frozenset({("confidence", "returned"), MC})
 
 
 def gauges(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -133,6 +134,7 @@ async def test_feedback_correct_and_gold_index(db: str) -> None:
             "answer_index": 0,
             "confidence": a["confidence"],
             "window_size": 1,
+            "task": "multiple_choice",
         }
         r = await client.post("/feedback", json={"id": "b", "gold_index": 0})
         assert r.status_code == 201
@@ -210,6 +212,8 @@ async def test_exactly_one_of_correct_and_gold_index(tmp_path: Path, body: dict[
         r = await client.post("/feedback", json=body)
     assert r.status_code == 422
     assert "exactly one of 'correct' and 'gold_index'" in json.dumps(r.json())
+    field = "gold_index" if "gold_index" in body else "correct"  # both given: the second
+    assert r.json()["detail"][0]["loc"] == ["body", field]
 
 
 async def test_gold_index_range_follows_the_question(db: str) -> None:
@@ -260,7 +264,7 @@ async def test_calibration_equals_calibration_report(db: str) -> None:
         assert metrics[(f"ufcal_live_{name}", RETURNED)] == pytest.approx(cal[name]), name
     assert metrics[("ufcal_live_window_size", RETURNED)] == len(DATA)
     for b in cal["bins"]:
-        label = frozenset({("confidence", "returned"), ("bin", bin_label(b["upper"]))})
+        label = frozenset({("confidence", "returned"), MC, ("bin", bin_label(b["upper"]))})
         assert metrics[("ufcal_live_bin_count", label)] == b["count"]
         if b["count"]:
             assert metrics[("ufcal_live_bin_accuracy", label)] == pytest.approx(b["accuracy"])

@@ -126,7 +126,7 @@ def promql(base_url: str, query: str) -> list[dict[str, Any]]:
     return result
 
 
-RETURNED = 'ufcal_live_{}{{confidence="returned"}}'
+RETURNED = 'ufcal_live_{}{{confidence="returned", task="multiple_choice"}}'
 
 
 def scalar(base_url: str, query: str) -> float | None:

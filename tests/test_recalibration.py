@@ -28,7 +28,7 @@ from service.telemetry import Telemetry
 from tests.fake_app import build_app
 from tests.test_feedback import _settings, gauges, question, score, serve
 
-KEY = ("fake-model", "uf", "logprobs")
+KEY = ("fake-model", "uf", "logprobs", "multiple_choice")
 ONLINE = {
     "recalibrate": "online",
     "recalibrate_min_labels": 40,
@@ -74,7 +74,7 @@ async def test_online_refit_changes_the_next_score_and_survives_a_restart(tmp_pa
         calibration = (await client.get("/calibration")).json()
         metrics = gauges((await client.get("/metrics")).text)
     (v1,) = versions
-    assert (v1["model"], v1["method"], v1["mode"]) == KEY
+    assert (v1["model"], v1["method"], v1["mode"], v1["task"]) == KEY
     assert v1["version"] == 1 and v1["status"] == "active"
     assert v1["labels"] == 40 and v1["positives"] == 14 and v1["negatives"] == 26
     assert v1["kind"] in ("platt", "beta")
@@ -89,13 +89,13 @@ async def test_online_refit_changes_the_next_score_and_survives_a_restart(tmp_pa
     assert calibration["returned"]["ece"] == calibration["ece"]
     assert calibration["raw"]["ece"] == calibration["ece"]  # all 40 labels predate v1
     assert len(calibration["raw"]["bins"]) == len(calibration["bins"])
-    labels = frozenset({("model", KEY[0]), ("method", KEY[1]), ("mode", KEY[2])})
+    labels = frozenset(zip(("model", "method", "mode", "task"), KEY, strict=True))
     assert metrics[("ufcal_calibrator_version", labels)] == 1.0
     assert metrics[("ufcal_calibrator_labels", labels)] == 40.0
     assert metrics[("ufcal_recalibrations_total", frozenset({("outcome", "promoted")}))] == 1.0
-    assert metrics[("ufcal_live_ece", frozenset({("confidence", "raw")}))] == pytest.approx(
-        calibration["raw"]["ece"]
-    )
+    assert metrics[
+        ("ufcal_live_ece", frozenset({("confidence", "raw"), ("task", "multiple_choice")}))
+    ] == pytest.approx(calibration["raw"]["ece"])
     # the store keeps both numbers and the version of every score
     with sqlite3.connect(tmp_path / "u.db") as db:
         row = db.execute(
@@ -143,7 +143,8 @@ async def _store_with_labels(path: Path, correct: list[bool], raw: list[float]) 
             store.save_score(
                 ScoreRecord(
                     f"s{i}",
-                    *KEY,
+                    *KEY[:3],
+                    task=KEY[3],
                     answer_index=0,
                     confidence=s,
                     uncertainty=0.0,
@@ -177,7 +178,8 @@ async def test_a_candidate_worse_on_the_newest_labels_is_rejected_and_the_active
     try:
         identity = await store.save_calibrator(
             CalibratorRecord(
-                *KEY,
+                *KEY[:3],
+                task=KEY[3],
                 version=0,
                 kind="platt",
                 params={"a": 1.0, "b": 0.0},
@@ -235,7 +237,7 @@ async def test_a_key_over_its_share_is_capped_and_sources_are_hashes(tmp_path: P
             if ("ufcal_recalibrations_total", frozenset({("outcome", "too_few")})) in metrics:
                 break
             await asyncio.sleep(0.05)
-    labels = frozenset({("model", KEY[0]), ("method", KEY[1]), ("mode", KEY[2])})
+    labels = frozenset(zip(("model", "method", "mode", "task"), KEY, strict=True))
     # key-one may hold at most half of the labels used: 6 of its 34 stay, 28 are left out,
     # and 12 labels are below the minimum: no calibrator.
     assert metrics[("ufcal_recalibration_labels_capped", labels)] == 28.0
@@ -375,7 +377,7 @@ def test_calibrate_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     out = tmp_path / "cal.json"
     assert main(["calibrate", str(results), "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "| m | uf | sampling | 400 |" in table and "too few labels" in table
+    assert "| m | uf | sampling | multiple_choice | 400 |" in table and "too few labels" in table
     (record,) = load_calibrator_file(out)
     assert (record.model, record.method, record.mode, record.labels) == ("m", "uf", "sampling", 400)
     assert record.metrics["after"]["ece"] < record.metrics["before"]["ece"]

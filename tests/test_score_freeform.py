@@ -298,9 +298,9 @@ async def test_a_given_option_under_the_sampled_and_token_baselines() -> None:
 
 
 async def test_the_calibrator_maps_the_given_and_the_groups(tmp_path: Path) -> None:
-    settings = db_settings(
-        tmp_path / "u.db", calibrators=str(calibrator_file(tmp_path / "cal.json"))
-    )
+    mc_file = calibrator_file(tmp_path / "cal.json")  # no task: multiple_choice
+    ff_file = calibrator_file(tmp_path / "ff.json", task="free_form")
+    settings = db_settings(tmp_path / "u.db", calibrators=f"{mc_file},{ff_file}")
     expected = Calibrator("platt", {"a": 0.5, "b": -1.0})
     async with serve(white_box(), settings) as client:
         mc = (await client.post("/score", json={**GOOD, "answer": "A"})).json()

@@ -327,11 +327,11 @@ async def test_calibrators_versions_and_labelled_window(db: str) -> None:
         await store.save_score(_score("w2", 0.4))
         await store.add_feedback("w1", correct=True, source="key-hash")
         await store.add_feedback("w2", correct=False)
-        window = await store.labelled_window(("m", "uf", "logprobs"), 10)
+        window = await store.labelled_window(("m", "uf", "logprobs", "multiple_choice"), 10)
         assert [(r.raw_confidence, r.correct, r.source) for r in window] == [
             (0.7, True, "key-hash"), (0.4, False, None),
         ]  # fmt: skip
-        assert await store.label_counts() == {("m", "uf", "logprobs"): 2}
+        assert await store.label_counts() == {("m", "uf", "logprobs", "multiple_choice"): 2}
         assert store.raw_calibration().n == 2
         assert store.calibration().bins != store.raw_calibration().bins
 

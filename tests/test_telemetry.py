@@ -175,23 +175,39 @@ def test_set_live_calibration() -> None:
     bins[9] = Bin(1.0, 6, 1.0, 0.95)
     t.set_live_calibration(Report(10, 0.8, 0.12, 0.9, 0.7, 0.15, bins))
     s = samples(t)
-    assert s[("ufcal_live_window_size", lbl(confidence="returned"))] == 10.0
-    assert s[("ufcal_live_accuracy", lbl(confidence="returned"))] == pytest.approx(0.8)
-    assert s[("ufcal_live_ece", lbl(confidence="returned"))] == pytest.approx(0.12)
-    assert s[("ufcal_live_ipr", lbl(confidence="returned"))] == pytest.approx(0.9)
-    assert s[("ufcal_live_ce", lbl(confidence="returned"))] == pytest.approx(0.7)
-    assert s[("ufcal_live_brier", lbl(confidence="returned"))] == pytest.approx(0.15)
-    assert s[("ufcal_live_bin_count", lbl(confidence="returned", bin="0.7"))] == 4.0
-    assert s[("ufcal_live_bin_count", lbl(confidence="returned", bin="0.1"))] == 0.0
-    assert s[("ufcal_live_bin_accuracy", lbl(confidence="returned", bin="0.7"))] == pytest.approx(
-        0.5
-    )
-    assert s[("ufcal_live_bin_confidence", lbl(confidence="returned", bin="1.0"))] == pytest.approx(
-        0.95
+    assert s[("ufcal_live_window_size", lbl(confidence="returned", task="multiple_choice"))] == 10.0
+    assert s[
+        ("ufcal_live_accuracy", lbl(confidence="returned", task="multiple_choice"))
+    ] == pytest.approx(0.8)
+    assert s[
+        ("ufcal_live_ece", lbl(confidence="returned", task="multiple_choice"))
+    ] == pytest.approx(0.12)
+    assert s[
+        ("ufcal_live_ipr", lbl(confidence="returned", task="multiple_choice"))
+    ] == pytest.approx(0.9)
+    assert s[
+        ("ufcal_live_ce", lbl(confidence="returned", task="multiple_choice"))
+    ] == pytest.approx(0.7)
+    assert s[
+        ("ufcal_live_brier", lbl(confidence="returned", task="multiple_choice"))
+    ] == pytest.approx(0.15)
+    assert (
+        s[("ufcal_live_bin_count", lbl(confidence="returned", task="multiple_choice", bin="0.7"))]
+        == 4.0
     )
     assert (
+        s[("ufcal_live_bin_count", lbl(confidence="returned", task="multiple_choice", bin="0.1"))]
+        == 0.0
+    )
+    assert s[
+        ("ufcal_live_bin_accuracy", lbl(confidence="returned", task="multiple_choice", bin="0.7"))
+    ] == pytest.approx(0.5)
+    assert s[
+        ("ufcal_live_bin_confidence", lbl(confidence="returned", task="multiple_choice", bin="1.0"))
+    ] == pytest.approx(0.95)
+    assert (
         "ufcal_live_bin_accuracy",
-        lbl(confidence="returned", bin="0.1"),
+        lbl(confidence="returned", task="multiple_choice", bin="0.1"),
     ) not in s  # empty bin: count only
     counted = {dict(k[1])["bin"] for k in s if k[0] == "ufcal_live_bin_count"}
     assert len(counted) == 10
@@ -199,8 +215,8 @@ def test_set_live_calibration() -> None:
     # a later report replaces the bins (no stale labels) and None metrics become NaN
     t.set_live_calibration(Report(0, None, None, None, None, None, [Bin(0.5, 0, None, None)]))
     s = samples(t)
-    assert s[("ufcal_live_window_size", lbl(confidence="returned"))] == 0.0
-    assert math.isnan(s[("ufcal_live_ece", lbl(confidence="returned"))])
+    assert s[("ufcal_live_window_size", lbl(confidence="returned", task="multiple_choice"))] == 0.0
+    assert math.isnan(s[("ufcal_live_ece", lbl(confidence="returned", task="multiple_choice"))])
     assert {dict(k[1])["bin"] for k in s if k[0] == "ufcal_live_bin_count"} == {"0.5"}
     assert not any(k[0] == "ufcal_live_bin_accuracy" for k in s)
 

@@ -1,8 +1,9 @@
-"""``ufcal calibrate RESULTS.jsonl``: fit one calibrator per (model, method, mode) of a
+"""``ufcal calibrate RESULTS.jsonl``: fit one calibrator per (model, method, mode, task) of a
 results file and write them as a calibrator file (``UFCAL_CALIBRATORS`` loads it).
 
 Each row needs only ``model``, ``method``, ``mode``, ``confidence`` and ``correct``, so any
-JSONL in that shape works, not only what ``ufcal eval`` writes; rows with ``error`` and no
+JSONL in that shape works, not only what ``ufcal eval`` writes; ``task`` (multiple_choice or
+free_form) is optional and defaults to multiple_choice. Rows with ``error`` and no
 ``confidence`` (unscorable questions) are skipped. No engine is started."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from service.calibration.recalibrate import FitPolicy, FitResult, fit
 from service.evaluation.report import metric_cell as _f
 from service.recalibration import METHODS, MODES, record_from_fit, write_calibrator_file
-from service.store import CalibratorKey
+from service.store import DEFAULT_TASK, TASKS, CalibratorKey
 
 __all__ = ["calibrate_command", "read_labelled"]
 
@@ -65,7 +66,10 @@ def _row(lineno: int, text: str) -> tuple[CalibratorKey, float, bool] | None:
         raise InputError(f'line {lineno}: "confidence" must be a number in [0, 1]')
     if not isinstance(row["correct"], bool):
         raise InputError(f'line {lineno}: "correct" must be true or false')
-    return (row["model"], row["method"], row["mode"]), float(conf), row["correct"]
+    task = row.get("task", DEFAULT_TASK)
+    if task not in TASKS:
+        raise InputError(f'line {lineno}: "task" must be multiple_choice or free_form')
+    return (row["model"], row["method"], row["mode"], task), float(conf), row["correct"]
 
 
 def read_labelled(
@@ -94,12 +98,14 @@ def read_labelled(
 
 def _table(results: dict[CalibratorKey, tuple[Labelled, FitResult | None]]) -> str:
     lines = [
-        "| model | method | mode | labels | right | kind | ECE raw | ECE cal | Brier raw "
+        "| model | method | mode | task | labels | right | kind | ECE raw | ECE cal | Brier raw "
         "| Brier cal | log-loss raw | log-loss cal | AUROC raw | AUROC cal |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (model, method, mode), (data, result) in results.items():
-        head = f"| {model} | {method} | {mode} | {len(data.scores)} | {sum(data.correct)} |"
+    for (model, method, mode, task), (data, result) in results.items():
+        head = (
+            f"| {model} | {method} | {mode} | {task} | {len(data.scores)} | {sum(data.correct)} |"
+        )
         if result is None:
             lines.append(head + " too few labels: no calibrator | - | - | - | - | - | - | - | - |")
             continue
@@ -156,7 +162,7 @@ def calibrate_command(args: argparse.Namespace) -> int:
     ]
     if not records:
         print(
-            f"error: no (model, method, mode) has {args.min_labels} labels with "
+            f"error: no (model, method, mode, task) has {args.min_labels} labels with "
             f"{args.min_class} of each class: nothing written",
             file=sys.stderr,
         )

@@ -6,6 +6,8 @@ schema versions, and ``store`` the operations and the live calibration window.
 """
 
 from service.store.records import (
+    DEFAULT_TASK,
+    TASKS,
     CalibratorKey,
     CalibratorRecord,
     FeedbackExists,
@@ -18,13 +20,16 @@ from service.store.records import (
     StoredScore,
     StoreError,
     StoreUnavailable,
+    Task,
     UnknownScore,
     live_calibration,
 )
 from service.store.store import MAX_BATCH, Store, StoreObserver
 
 __all__ = [
+    "DEFAULT_TASK",
     "MAX_BATCH",
+    "TASKS",
     "CalibratorKey",
     "CalibratorRecord",
     "FeedbackExists",
@@ -39,6 +44,7 @@ __all__ = [
     "StoreObserver",
     "StoreUnavailable",
     "StoredScore",
+    "Task",
     "UnknownScore",
     "live_calibration",
 ]

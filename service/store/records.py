@@ -5,9 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from service.calibration.metrics import ReliabilityBin, calibration_report
+
+#: What was scored: a question with options, or a free-form one (``ScoreResponse.task``).
+Task = Literal["multiple_choice", "free_form"]
+TASKS: tuple[Task, ...] = get_args(Task)
+#: The task of rows and calibrator files from before the store knew the task.
+DEFAULT_TASK: Task = "multiple_choice"
 
 
 class StoreError(Exception):
@@ -60,6 +66,7 @@ class ScoreRecord:
     #: The method's own score (``confidence`` is what was returned); None = the same.
     raw_confidence: float | None = None
     calibrator_version: int | None = None
+    task: Task = DEFAULT_TASK
 
 
 @dataclass(frozen=True)
@@ -77,10 +84,17 @@ class FeedbackRecord:
     method: str = ""
     mode: str = ""
     source: str | None = None
+    task: Task = DEFAULT_TASK
+
+    @property
+    def key(self) -> CalibratorKey:
+        """The calibrator key of the judged score."""
+        return (self.model, self.method, self.mode, self.task)
 
 
-#: The key of a calibrator: (model, method, mode).
-CalibratorKey = tuple[str, str, str]
+#: The key of a calibrator: (model, method, mode, task). A score is recalibrated, and its
+#: label counted, only under the key of its own task.
+CalibratorKey = tuple[str, str, str, Task]
 
 
 @dataclass(frozen=True)
@@ -100,10 +114,11 @@ class CalibratorRecord:
     metrics: dict[str, Any]
     fitted_at: float
     status: str
+    task: Task = DEFAULT_TASK
 
     @property
     def key(self) -> CalibratorKey:
-        return (self.model, self.method, self.mode)
+        return (self.model, self.method, self.mode, self.task)
 
 
 @dataclass(frozen=True)

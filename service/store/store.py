@@ -15,7 +15,8 @@ Promises, on either backend and across replicas sharing a PostgreSQL:
   ``score_buffer``, beyond it they are dropped and counted) and the writer retries with
   back-off; ``add_feedback`` raises ``StoreUnavailable`` (503). Both recover by themselves.
 
-The live window is the last ``window`` labels in arrival order (``feedback.seq``). A
+The live window of each task (multiple_choice, free_form) is its last ``window`` labels in
+arrival order (``feedback.seq``): the two tasks' labels never share a window. A
 replica appends its own labels as they commit; on a shared database (PostgreSQL) it also
 re-reads the window every ``refresh_s`` seconds, so every replica reports the labels of all
 replicas within that interval.
@@ -42,6 +43,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.store import migrate
 from service.store.backends import Backend, backend_for
 from service.store.records import (
+    DEFAULT_TASK,
+    TASKS,
     CalibratorKey,
     CalibratorRecord,
     FeedbackExists,
@@ -53,6 +56,7 @@ from service.store.records import (
     ScoreRecord,
     StoredScore,
     StoreUnavailable,
+    Task,
     UnknownScore,
     live_calibration,
 )
@@ -78,7 +82,9 @@ _SCORE_COLUMNS = [c.name for c in scores.columns if c.name != "id"]
 class StoreObserver(Protocol):
     """Who hears about the store's state (the service's telemetry)."""
 
-    def set_live_calibration(self, report: LiveCalibration, confidence: str = ...) -> None: ...
+    def set_live_calibration(
+        self, report: LiveCalibration, confidence: str = ..., task: str = ...
+    ) -> None: ...
     def set_store_up(self, up: bool) -> None: ...
     def set_score_queue(self, n: int) -> None: ...
     def observe_scores_dropped(self, n: int) -> None: ...
@@ -157,12 +163,15 @@ class Store:
         self._refresher: asyncio.Task[None] | None = None
         self._closing = False
         self._up = True
-        # (feedback.seq, returned confidence, raw confidence, correct), oldest first
-        self._labels: deque[_Label] = deque(maxlen=window)
-        self._since_refresh: list[_Label] | None = None
-        self._report = live_calibration([], [], window, n_bins)
-        self._raw_report = self._report
-        self._stale = False
+        # Per task: (feedback.seq, returned confidence, raw confidence, correct), oldest first
+        self._labels: dict[Task, deque[_Label]] = {t: deque(maxlen=window) for t in TASKS}
+        self._since_refresh: list[tuple[Task, _Label]] | None = None
+        empty = live_calibration([], [], window, n_bins)
+        # Per task: the calibration of the returned confidence and of the raw scores.
+        self._reports: dict[Task, tuple[LiveCalibration, LiveCalibration]] = {
+            t: (empty, empty) for t in TASKS
+        }
+        self._stale: set[Task] = set()
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -186,8 +195,9 @@ class Store:
             raise StoreUnavailable(
                 f"cannot open the store ({store.backend.where()}): {_reason(exc, store.backend)}"
             ) from None
-        store._labels.extend(rows)
-        store._stale = True
+        for task, labels in rows.items():
+            store._labels[task].extend(labels)
+        store._stale = set(TASKS)
         store._writer = asyncio.create_task(store._write_loop(), name="ufcal-store-writer")
         if store.backend.shared:
             store._refresher = asyncio.create_task(
@@ -362,6 +372,7 @@ class Store:
             ),
             "raw_confidence": r.confidence if r.raw_confidence is None else r.raw_confidence,
             "calibrator_version": r.calibrator_version,
+            "task": r.task,
         }
 
     def _score_upsert(self) -> Any:
@@ -442,10 +453,10 @@ class Store:
             ) from exc
         self._set_up(True)
         label = (seq, record.confidence, record.raw_confidence, record.correct)
-        self._labels.append(label)
+        self._labels[record.task].append(label)
         if self._since_refresh is not None:
-            self._since_refresh.append(label)
-        self._stale = True
+            self._since_refresh.append((record.task, label))
+        self._stale.add(record.task)
         return record
 
     async def _written(self, score_id: str) -> None:
@@ -476,6 +487,7 @@ class Store:
                         scores.c.model,
                         scores.c.method,
                         scores.c.mode,
+                        scores.c.task,
                     )
                     .where(scores.c.id == score_id)
                     .with_for_update()  # a re-score of this id waits for our commit
@@ -497,6 +509,7 @@ class Store:
                 gold_index=gold_index,
                 received_at=now,
                 source=source,
+                task=_task(row[7]),
             )
             # Two replicas racing: the unique id makes the second insert do nothing.
             inserted = await conn.execute(
@@ -520,49 +533,54 @@ class Store:
             method=str(row[5]),
             mode=str(row[6]),
             source=source,
+            task=_task(row[7]),
         )
         return record, int(seq)
 
     # -- live calibration ------------------------------------------------------------------
 
-    def calibration(self) -> LiveCalibration:
-        """The live window's calibration: this replica's labels as they commit, and on a
-        shared database everyone's as of the last refresh."""
-        self._recompute()
-        return self._report
+    def calibration(self, task: Task = DEFAULT_TASK) -> LiveCalibration:
+        """The live window's calibration of one task: this replica's labels as they commit,
+        and on a shared database everyone's as of the last refresh."""
+        return self._recompute(task)[0]
 
-    def raw_calibration(self) -> LiveCalibration:
+    def raw_calibration(self, task: Task = DEFAULT_TASK) -> LiveCalibration:
         """The same window's calibration of the methods' raw scores."""
-        self._recompute()
-        return self._raw_report
+        return self._recompute(task)[1]
 
-    def _recompute(self) -> None:
-        if self._stale:
-            correct = [k for *_, k in self._labels]
-            self._report = live_calibration(
-                [c for _, c, _, _ in self._labels], correct, self.window, self.n_bins
+    def _recompute(self, task: Task) -> tuple[LiveCalibration, LiveCalibration]:
+        if task in self._stale:
+            labels = self._labels[task]
+            correct = [k for *_, k in labels]
+            self._reports[task] = (
+                live_calibration([c for _, c, _, _ in labels], correct, self.window, self.n_bins),
+                live_calibration([r for _, _, r, _ in labels], correct, self.window, self.n_bins),
             )
-            self._raw_report = live_calibration(
-                [r for _, _, r, _ in self._labels], correct, self.window, self.n_bins
-            )
-            self._stale = False
+            self._stale.discard(task)
+        return self._reports[task]
 
-    async def _read_window(self) -> list[_Label]:
-        """The last ``window`` labels from the database, oldest first."""
-        query = (
-            select(
-                feedback.c.seq,
-                scores.c.confidence,
-                func.coalesce(scores.c.raw_confidence, scores.c.confidence),
-                feedback.c.correct,
-            )
-            .join_from(feedback, scores, feedback.c.id == scores.c.id)
-            .order_by(feedback.c.seq.desc())
-            .limit(self.window)
-        )
+    async def _read_window(self) -> dict[Task, list[_Label]]:
+        """Each task's last ``window`` labels from the database, oldest first."""
+        windows: dict[Task, list[_Label]] = {}
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [(int(s), float(c), float(r), bool(k)) for s, c, r, k in reversed(rows)]
+            for task in TASKS:
+                query = (
+                    select(
+                        feedback.c.seq,
+                        scores.c.confidence,
+                        func.coalesce(scores.c.raw_confidence, scores.c.confidence),
+                        feedback.c.correct,
+                    )
+                    .join_from(feedback, scores, feedback.c.id == scores.c.id)
+                    .where(feedback.c.task == task)
+                    .order_by(feedback.c.seq.desc())
+                    .limit(self.window)
+                )
+                rows = (await conn.execute(query)).all()
+                windows[task] = [
+                    (int(s), float(c), float(r), bool(k)) for s, c, r, k in reversed(rows)
+                ]
+        return windows
 
     async def refresh(self) -> bool:
         """Re-read the live window from the database (every replica's labels); False if the
@@ -576,17 +594,19 @@ class Store:
             return False
         finally:
             mine, self._since_refresh = self._since_refresh, None
-        merged = {label[0]: label for label in rows}
-        for label in mine or ():  # committed here while the query ran
-            merged[label[0]] = label
-        fresh = [merged[seq] for seq in sorted(merged)[-self.window :]]
         self._set_up(True)
-        if fresh != list(self._labels):
-            self._labels = deque(fresh, maxlen=self.window)
-            self._stale = True
-            if self.observer is not None:
-                self.observer.set_live_calibration(self.calibration())
-                self.observer.set_live_calibration(self.raw_calibration(), "raw")
+        for task in TASKS:
+            merged = {label[0]: label for label in rows[task]}
+            for label_task, label in mine or ():  # committed here while the query ran
+                if label_task == task:
+                    merged[label[0]] = label
+            fresh = [merged[seq] for seq in sorted(merged)[-self.window :]]
+            if fresh != list(self._labels[task]):
+                self._labels[task] = deque(fresh, maxlen=self.window)
+                self._stale.add(task)
+                if self.observer is not None:
+                    self.observer.set_live_calibration(self.calibration(task), "returned", task)
+                    self.observer.set_live_calibration(self.raw_calibration(task), "raw", task)
         return True
 
     async def _refresh_loop(self) -> None:
@@ -617,6 +637,7 @@ class Store:
                 f.correct,
                 f.gold_index,
                 f.received_at,
+                s.task,
             )
             .select_from(scores.outerjoin(feedback, f.id == s.id))
             .order_by(s.created_at.desc())
@@ -644,6 +665,7 @@ class Store:
                     created_at=float(r[8]),
                     question=r[9],
                     options=None if r[10] is None else tuple(json.loads(r[10])),
+                    task=_task(r[14]),
                 ),
                 correct=None if r[11] is None else bool(r[11]),
                 gold_index=r[12],
@@ -662,6 +684,7 @@ class Store:
             (calibrators.c.model == record.model)
             & (calibrators.c.method == record.method)
             & (calibrators.c.mode == record.mode)
+            & (calibrators.c.task == record.task)
         )
         async with self.engine.connect() as conn:
             await self.backend.prepare_feedback(conn)  # durable, like a label
@@ -682,6 +705,7 @@ class Store:
                     model=record.model,
                     method=record.method,
                     mode=record.mode,
+                    task=record.task,
                     version=version,
                     kind=record.kind,
                     params=json.dumps(record.params),
@@ -709,8 +733,8 @@ class Store:
         c = calibrators.c
         query = select(
             c.model, c.method, c.mode, c.version, c.kind, c.params, c.labels, c.positives,
-            c.negatives, c.window_json, c.metrics_json, c.fitted_at, c.status,
-        ).order_by(c.model, c.method, c.mode, c.version)  # fmt: skip
+            c.negatives, c.window_json, c.metrics_json, c.fitted_at, c.status, c.task,
+        ).order_by(c.model, c.method, c.mode, c.task, c.version)  # fmt: skip
         if active_only:
             query = query.where(c.status == "active")
         async with self.engine.connect() as conn:
@@ -730,6 +754,7 @@ class Store:
                 metrics=json.loads(row[10] or "{}"),
                 fitted_at=float(row[11]),
                 status=row[12],
+                task=_task(row[13]),
             )
             for row in rows
         ]
@@ -737,7 +762,7 @@ class Store:
     async def labelled_window(self, key: CalibratorKey, n: int) -> list[LabelRow]:
         """The key's last ``n`` labels in the order they arrived (oldest first): the raw
         score that was judged, whether it was right, its source, when it came."""
-        model, method, mode = key
+        model, method, mode, task = key
         query = (
             select(
                 func.coalesce(scores.c.raw_confidence, scores.c.confidence),
@@ -747,7 +772,7 @@ class Store:
             )
             .join_from(feedback, scores, feedback.c.id == scores.c.id)
             .where((scores.c.model == model) & (scores.c.method == method))
-            .where(scores.c.mode == mode)
+            .where((scores.c.mode == mode) & (scores.c.task == task))
             .order_by(feedback.c.seq.desc())
             .limit(n)
         )
@@ -756,15 +781,16 @@ class Store:
         return [LabelRow(float(r[0]), bool(r[1]), r[2], float(r[3])) for r in reversed(rows)]
 
     async def label_counts(self) -> dict[CalibratorKey, int]:
-        """How many labels each (model, method, mode) has received in all."""
+        """How many labels each (model, method, mode, task) has received in all."""
+        s = scores.c
         query = (
-            select(scores.c.model, scores.c.method, scores.c.mode, func.count())
-            .join_from(feedback, scores, feedback.c.id == scores.c.id)
-            .group_by(scores.c.model, scores.c.method, scores.c.mode)
+            select(s.model, s.method, s.mode, s.task, func.count())
+            .join_from(feedback, scores, feedback.c.id == s.id)
+            .group_by(s.model, s.method, s.mode, s.task)
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return {(r[0], r[1], r[2]): int(r[3]) for r in rows}
+        return {(r[0], r[1], r[2], _task(r[3])): int(r[4]) for r in rows}
 
     # -- locks -----------------------------------------------------------------------------
 
@@ -800,6 +826,11 @@ class Store:
             )
         if self.observer is not None:
             self.observer.set_store_up(up)
+
+
+def _task(value: object) -> Task:
+    """A stored task (a value this ufcal does not know reads as the default)."""
+    return next((t for t in TASKS if t == value), DEFAULT_TASK)
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

@@ -9,6 +9,7 @@ from sqlalchemy import (
     Column,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     Table,
@@ -17,6 +18,9 @@ from sqlalchemy import (
 )
 
 metadata = MetaData()
+
+#: The unique constraint on a calibrator key's version numbers (revision 0002 names it).
+CALIBRATOR_VERSION_KEY = "uq_calibrators_key_version"
 
 #: SQLite wants exactly ``INTEGER PRIMARY KEY`` for a rowid alias; PostgreSQL gets a bigint.
 SEQ_TYPE = BigInteger().with_variant(Integer(), "sqlite")
@@ -37,6 +41,8 @@ scores = Table(
     Column("options", Text),  # JSON list, only with UFCAL_LOG_TEXT
     Column("raw_confidence", Float),  # before a fitted calibrator (issue 10)
     Column("calibrator_version", Integer),
+    # multiple_choice | free_form; rows from before revision 0002 are multiple_choice
+    Column("task", Text, nullable=False, server_default="multiple_choice"),
 )
 
 feedback = Table(
@@ -49,6 +55,9 @@ feedback = Table(
     Column("gold_index", Integer),
     Column("received_at", Float, nullable=False),
     Column("source", Text),  # a hash of the API key that sent it
+    # The judged score's task, copied so that each task's live window is one index range.
+    Column("task", Text, nullable=False, server_default="multiple_choice"),
+    Index("ix_feedback_task_seq", "task", "seq"),
     sqlite_autoincrement=True,
 )
 
@@ -69,5 +78,6 @@ calibrators = Table(
     Column("metrics_json", Text),
     Column("fitted_at", Float, nullable=False),
     Column("status", Text, nullable=False),  # active | retired | rejected
-    UniqueConstraint("model", "method", "mode", "version"),
+    Column("task", Text, nullable=False, server_default="multiple_choice"),
+    UniqueConstraint("model", "method", "mode", "task", "version", name=CALIBRATOR_VERSION_KEY),
 )

@@ -24,11 +24,15 @@ class CalibratorMetrics(BaseModel):
 
 
 class CalibratorVersion(BaseModel):
-    """One version of the calibrator of a (model, method, mode)."""
+    """One version of the calibrator of a (model, method, mode, task)."""
 
     model: str
     method: str
     mode: str
+    task: Literal["multiple_choice", "free_form"] = Field(
+        default="multiple_choice",
+        description="The scores it recalibrates: a free-form score only by a free_form one.",
+    )
     version: int
     kind: Literal["platt", "beta", "isotonic"]
     params: dict[str, Any] = Field(description="The map's parameters (JSON, see the README).")

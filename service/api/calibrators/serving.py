@@ -19,7 +19,7 @@ router = APIRouter()
     responses={503: {"model": ErrorResponse, "description": "The store is not open."}},
 )
 async def get_calibrators(state: Annotated[AppState, Depends(app_state)]) -> CalibratorsResponse:
-    """Active and past calibrator versions of every (model, method, mode), with the
+    """Active and past calibrator versions of every (model, method, mode, task), with the
     cross-validated metrics before and after calibration."""
     if state.store is None:
         raise ServiceUnavailable("the score store is not open")

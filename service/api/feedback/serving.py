@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from service.api.common import (
@@ -31,6 +31,7 @@ from service.api.security import CHALLENGE, ApiKeys, bearer_token
 from service.config import Settings
 from service.recalibration import RecalibrationConfig, Recalibrator, source_id
 from service.store import (
+    TASKS,
     CalibratorRecord,
     FeedbackExists,
     GoldIndexOutOfRange,
@@ -39,6 +40,7 @@ from service.store import (
     ScoreRecord,
     Store,
     StoreUnavailable,
+    Task,
     UnknownScore,
 )
 
@@ -92,9 +94,9 @@ async def open_store(state: AppState, calibrators: Sequence[CalibratorRecord] = 
         log.error("store not opened: %s", exc)
         raise
     report = state.store.calibration()
-    state.telemetry.set_live_calibration(report)
     state.telemetry.set_store_up(True)
-    state.telemetry.set_live_calibration(state.store.raw_calibration(), "raw")
+    for task in TASKS:
+        _publish(state, state.store, task)
     state.recalibrator = Recalibrator(
         state.store,
         state.telemetry,
@@ -123,6 +125,14 @@ async def close_store(state: AppState) -> None:
         await store.close()
 
 
+def _publish(state: AppState, store: Store, task: Task) -> LiveCalibration:
+    """Publish a task's live window to the metrics; its returned-confidence report."""
+    report = store.calibration(task)
+    state.telemetry.set_live_calibration(report, "returned", task)
+    state.telemetry.set_live_calibration(store.raw_calibration(task), "raw", task)
+    return report
+
+
 def _store(state: AppState) -> Store:
     if state.store is None:
         raise ServiceUnavailable("the score store is not open")
@@ -141,7 +151,8 @@ async def record_score(
     the request had one (so /feedback judges it, and the calibrators learn from it), else
     the model's. A free-form score is kept like a multiple-choice one whose options are
     those UF ran over (the groups' representatives, then the abstention if one was added);
-    the given answer's index is its group's. No column says the task (schema unchanged).
+    the given answer's index is its group's. The ``task`` column keeps the two tasks
+    apart (live windows, calibrators).
 
     While the database is unreachable the score waits in the store's queue (or is dropped
     and counted when the queue is full); neither fails the score.
@@ -169,6 +180,7 @@ async def record_score(
         options=options,
         raw_confidence=raw,
         calibrator_version=None if response.calibrator is None else response.calibrator.version,
+        task=response.task,
     )
     try:
         # An id the service made up cannot have feedback yet: /score need not wait for the
@@ -209,9 +221,12 @@ def _confidence_out(report: LiveCalibration) -> ConfidenceCalibration:
     )
 
 
-def _calibration_out(report: LiveCalibration, raw: LiveCalibration) -> CalibrationResponse:
+def _calibration_out(
+    task: Task, report: LiveCalibration, raw: LiveCalibration
+) -> CalibrationResponse:
     returned = _confidence_out(report)
     return CalibrationResponse(
+        task=task,
         n=report.n,
         window=report.window,
         n_bins=report.n_bins,
@@ -276,10 +291,8 @@ async def post_feedback(
             status_code=503,
             headers={"Retry-After": "5"},
         )
-    report = store.calibration()
     state.telemetry.observe_feedback(record.correct)
-    state.telemetry.set_live_calibration(report)
-    state.telemetry.set_live_calibration(store.raw_calibration(), "raw")
+    report = _publish(state, store, record.task)
     if state.recalibrator is not None:
         state.recalibrator.on_feedback(record)
     log.info(
@@ -287,6 +300,7 @@ async def post_feedback(
         extra={
             "fields": {
                 "id": record.id,
+                "task": record.task,
                 "correct": record.correct,
                 "gold_index": record.gold_index,
                 "confidence": record.confidence,
@@ -302,6 +316,7 @@ async def post_feedback(
         answer_index=record.answer_index,
         confidence=record.confidence,
         window_size=report.n,
+        task=record.task,
     )
 
 
@@ -310,8 +325,15 @@ async def post_feedback(
     response_model=CalibrationResponse,
     responses={503: {"model": ErrorResponse, "description": "The store is not open."}},
 )
-async def get_calibration(state: Annotated[AppState, Depends(app_state)]) -> CalibrationResponse:
-    """Live calibration over the last scores with feedback, with the reliability bins, for
-    the returned confidence (top level and ``returned``) and the raw scores (``raw``)."""
+async def get_calibration(
+    state: Annotated[AppState, Depends(app_state)],
+    task: Annotated[
+        Task,
+        Query(description="Whose live window: multiple_choice (the default) or free_form."),
+    ] = "multiple_choice",
+) -> CalibrationResponse:
+    """Live calibration over one task's last scores with feedback, with the reliability
+    bins, for the returned confidence (top level and ``returned``) and the raw scores
+    (``raw``)."""
     store = _store(state)
-    return _calibration_out(store.calibration(), store.raw_calibration())
+    return _calibration_out(task, store.calibration(task), store.raw_calibration(task))

@@ -334,7 +334,7 @@ class UsageOut(BaseModel):
 class CalibratorOut(BaseModel):
     """The calibrator that mapped the raw score to the returned confidence."""
 
-    version: int = Field(description="Its version for this (model, method, mode).")
+    version: int = Field(description="Its version for this (model, method, mode, task).")
     kind: Literal["platt", "beta", "isotonic"]
     labels: int = Field(description="Labels it was fitted on.")
 

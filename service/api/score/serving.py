@@ -55,6 +55,7 @@ from service.config import Settings
 from service.recalibration import Active
 from service.scoring import ScoreParams, ScoreResult, score
 from service.scoring_freeform import FreeformContext, FreeformResult, score_freeform
+from service.store import CalibratorKey, Task
 from service.telemetry import score_log_fields
 
 log = logging.getLogger("ufcal.score")
@@ -197,20 +198,23 @@ def freeform_response(
     )
 
 
-def _calibration(state: AppState, result: ScoreResult) -> tuple[Calibrate, Active | None]:
-    """The calibrator of the result's (model, method, mode), taken once so that every
-    confidence of one reply goes through the same version; identity when none is active."""
+def _calibration(
+    state: AppState, result: ScoreResult, task: Task
+) -> tuple[Calibrate, Active | None]:
+    """The calibrator of the result's (model, method, mode) for its task, taken once so that
+    every confidence of one reply goes through the same version; identity when none is
+    active. A free-form score is only ever recalibrated by a free-form calibrator."""
     recalibrator = state.recalibrator
-    active = None if recalibrator is None else recalibrator.active(result_key(result))
+    active = None if recalibrator is None else recalibrator.active(result_key(result, task))
     if active is None:
         return (lambda raw: raw), None
     calibrator = active.calibrator
     return (lambda raw: recalibrate.apply(calibrator, raw)), active
 
 
-def result_key(result: ScoreResult) -> tuple[str, str, str]:
-    """The calibrator key of a result: (model, method, mode)."""
-    return (result.model, result.method, result.mode)
+def result_key(result: ScoreResult, task: Task) -> CalibratorKey:
+    """The calibrator key of a result: (model, method, mode, task)."""
+    return (result.model, result.method, result.mode, task)
 
 
 async def _score(
@@ -222,12 +226,12 @@ async def _score(
         context = FreeformContext(template=state.template, judge=state.freeform_judge)
         answer = body.answer if isinstance(body.answer, str) else None
         freeform = await score_freeform(body.question, engine, params, answer, context)
-        calibrate, active = _calibration(state, freeform.uf)
+        calibrate, active = _calibration(state, freeform.uf, "free_form")
         return freeform_response(freeform, request_id, calibrate, active)
     result = await score(
         Question(body.question, tuple(body.options)), engine, params, state.template
     )
-    calibrate, active = _calibration(state, result)
+    calibrate, active = _calibration(state, result, "multiple_choice")
     given = None
     if body.answer is not None:
         given = given_option(result, option_index(body.options, body.answer), calibrate)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 DEFAULT_LIMIT = 20
@@ -24,6 +26,10 @@ class RecentScore(BaseModel):
     model: str
     method: str
     mode: str
+    task: Literal["multiple_choice", "free_form"] = Field(
+        default="multiple_choice",
+        description="free_form: the options are the answer groups (then the abstention).",
+    )
     answer_index: int = Field(description="0-based index of the returned answer.")
     answer_label: str = Field(description="Its letter.")
     confidence: float = Field(description="The confidence /score returned.")

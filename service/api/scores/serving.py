@@ -38,6 +38,7 @@ def _recent(stored: StoredScore) -> RecentScore:
         model=s.model,
         method=s.method,
         mode=s.mode,
+        task=s.task,
         answer_index=s.answer_index,
         answer_label=LETTERS[s.answer_index] if 0 <= s.answer_index < len(LETTERS) else "?",
         confidence=s.confidence,

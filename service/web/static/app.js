@@ -392,10 +392,20 @@
     );
   }
 
+  /** The task whose live window and calibrators the page shows. */
+  function liveTask() {
+    return $("live-task").value;
+  }
+
+  /** A calibrator's task (a service from before tasks: multiple_choice). */
+  function taskOf(c) {
+    return c.task || "multiple_choice";
+  }
+
   function renderCalibrators(result) {
     const box = $("calibrator");
     const list = result.ok && result.body && Array.isArray(result.body.calibrators) ? result.body.calibrators : [];
-    const active = list.filter((c) => c.status === "active");
+    const active = list.filter((c) => c.status === "active" && taskOf(c) === liveTask());
     if (!active.length) {
       box.replaceChildren(el("span", { text: "no calibrator: returned confidence = raw confidence" }));
     } else {
@@ -407,7 +417,7 @@
             "p",
             { class: "active-calibrator" },
             el("strong", { text: `${c.kind} v${c.version}` }),
-            ` for ${c.model} · ${c.method} · ${c.mode}: ${c.labels} labels ` +
+            ` for ${c.model} · ${c.method} · ${c.mode} · ${taskOf(c)}: ${c.labels} labels ` +
               `(${c.positives} right, ${c.negatives} wrong), ECE ${fmt(before)} → ${fmt(after)}`
           );
         })
@@ -419,7 +429,7 @@
         el(
           "tr",
           { class: c.status === "active" ? "active" : "" },
-          el("td", { text: `${c.model} · ${c.method} · ${c.mode}` }),
+          el("td", { text: `${c.model} · ${c.method} · ${c.mode} · ${taskOf(c)}` }),
           el("td", { text: String(c.version) }),
           el("td", { text: String(c.kind) }),
           el("td", { text: String(c.status) }),
@@ -519,7 +529,7 @@
       // A service without /calibrators (404) is asked again only every 20th poll.
       const askCalibrators = state.noCalibrators <= 0;
       const [calibration, calibrators, scores] = await Promise.all([
-        api("/calibration"),
+        api(`/calibration?task=${encodeURIComponent(liveTask())}`),
         askCalibrators ? api("/calibrators") : Promise.resolve(null),
         api(`/scores?limit=${encodeURIComponent(limit)}`),
       ]);
@@ -557,6 +567,10 @@
     $("result-right").addEventListener("click", () => feedbackForResult(true));
     $("result-wrong").addEventListener("click", () => feedbackForResult(false));
     $("limit").addEventListener("change", refresh);
+    $("live-task").addEventListener("change", () => {
+      delete rendered.calibrators; // show the chosen task's calibrators (its window differs)
+      refresh();
+    });
     if (state.key) $("key-change").hidden = false;
     renderCalibration({ n: 0, window: 0, bins: [] });
     refresh();
