@@ -7,6 +7,13 @@ The fake model reads ``p=0.83`` from the question text: option A gets probabilit
 B the rest (other options nothing), and every fidelity chain stays with its start. Without a
 ``p=`` it uses 0.6. So a test picks each answer's confidence through the question. A
 question containing ``engine-error`` makes the engine call fail (an HTTP 502).
+
+Free-form questions (no options): the model's K short answers are ``answers=[a|b|c]`` from
+the question, repeated in order up to K (without it every sample is "42"); the judge says
+two answers mean the same when one's normalised words contain the other's ("Canberra" and
+"the city of Canberra"). UF then runs over the groups as above: the largest group (A) gets
+p, the next (B) the rest. Other generation (sampling mode, the verbalized baselines) is
+missing, as on an engine without it.
 """
 
 from __future__ import annotations
@@ -19,12 +26,15 @@ from collections.abc import Mapping, Sequence
 from fastapi import FastAPI
 
 from service.api.app import create_app
+from service.calibration import freeform
 from service.calibration.prompts import Prompt
 from service.config import Settings
-from service.engines.base import EngineError
+from service.engines.base import EngineError, EngineFeatureMissing, GenerationParams
 from tests.fakes import FakeCall, FakeEngine, parse_prompt
 
 _P = re.compile(r"p=([0-9]*\.?[0-9]+)")
+_ANSWERS = re.compile(r"answers=\[([^\]]*)\]")
+_JUDGE_LINES = re.compile(r"Answer 1: (.*)\nAnswer 2: (.*)\n")
 
 
 def _log(p: float) -> float:
@@ -41,6 +51,25 @@ def letters(prompt: Prompt, labels: Sequence[str]) -> Mapping[str, float]:
     return {"A": _log(p), "B": _log(1.0 - p)}
 
 
+def _contains(outer: str, inner: str) -> bool:
+    """``inner``'s normalised words appear, in order and whole, in ``outer``'s."""
+    a, b = freeform.normalize_answer(outer), freeform.normalize_answer(inner)
+    return bool(b) and f" {b} " in f" {a} "
+
+
+def generate(prompt: Prompt, params: GenerationParams) -> Sequence[str]:
+    """Free-form samples and judge verdicts as described above; nothing else."""
+    if prompt.answer_prefix == freeform.SAMPLE_PREFIX:
+        found = _ANSWERS.search(prompt.user)
+        answers = [a.strip() for a in found.group(1).split("|")] if found else ["42"]
+        return [f" {answers[i % len(answers)]}." for i in range(params.n)]
+    if prompt.answer_prefix == freeform.JUDGE_PREFIX:
+        pair = _JUDGE_LINES.search(prompt.user)
+        first, second = pair.groups() if pair else ("", "")
+        return ["yes" if _contains(first, second) or _contains(second, first) else "no"]
+    raise EngineFeatureMissing("text generation")
+
+
 def failure(call: FakeCall) -> BaseException | None:
     """An engine error for a question that asks for one."""
     if any("engine-error" in view.question for view in call.views):
@@ -50,7 +79,7 @@ def failure(call: FakeCall) -> BaseException | None:
 
 def fake_engine() -> FakeEngine:
     """The scripted white-box engine described above."""
-    return FakeEngine(letters=letters, model="fake-model", fail=failure)
+    return FakeEngine(letters=letters, generate=generate, model="fake-model", fail=failure)
 
 
 def build_app(settings: Settings | None = None) -> FastAPI:

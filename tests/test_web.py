@@ -82,6 +82,90 @@ def test_markup_has_no_inline_code_and_no_other_origin() -> None:
     assert "http" not in (STATIC / "app.css").read_text()
 
 
+def _ids(markup: _Markup) -> dict[str, tuple[str, dict[str, str | None]]]:
+    return {str(attrs["id"]): (tag, attrs) for tag, attrs in markup.tags if attrs.get("id")}
+
+
+async def test_every_element_the_script_names_is_served(tmp_path: Path) -> None:
+    """app.js finds its elements by id: each one, and each field's error line, is in the
+    served page (a renamed id would fail silently in the browser)."""
+    async with serve(_settings(tmp_path / "db")) as client:
+        page = (await client.get("/")).text
+        script = (await client.get("/ui/app.js")).text
+    markup = _Markup()
+    markup.feed(page)
+    ids = _ids(markup)
+    named = set(re.findall(r'\$\("([a-z][a-z0-9-]*)"\)', script))
+    fields = re.search(r"const FIELDS = \[([^\]]*)\]", script)
+    assert fields is not None
+    field_names = re.findall(r'"([a-z_]+)"', fields.group(1))
+    assert field_names == ["question", "options", "answer", "method", "mode"]
+    named |= {f"{field}-error" for field in field_names}
+    assert len(named) > 40 and named - set(ids) == set()
+    for field in field_names:  # the API's 422 message lands next to the field, announced
+        assert ids[f"{field}-error"][1].get("role") == "alert", field
+
+
+def test_try_form_offers_free_form_and_an_answer_to_score() -> None:
+    """The form's free-form switch and answer field, and the result's groups table, with
+    labels and headers a screen reader can name."""
+    markup = _Markup()
+    markup.feed((STATIC / "index.html").read_text())
+    ids = _ids(markup)
+    radios = [a for t, a in markup.tags if t == "input" and a.get("name") == "task"]
+    assert [(r["type"], r["value"]) for r in radios] == [
+        ("radio", "multiple_choice"),
+        ("radio", "free_form"),
+    ]
+    assert "checked" in radios[0]  # multiple choice unless asked
+    labelled = {a.get("for") for t, a in markup.tags if t == "label"}
+    assert "answer" in labelled and ids["answer"][0] == "input"
+    assert "answer-error" in str(ids["answer"][1]["aria-describedby"]).split()
+    headers = []
+    in_groups = False
+    for tag, attrs in markup.tags:
+        in_groups = in_groups or attrs.get("id") == "groups"
+        if in_groups and tag == "th":
+            assert attrs.get("scope") == "col"
+            headers.append(tag)
+        if attrs.get("id") == "groups-body":
+            break
+    assert len(headers) == 7  # label, representative, members, count, confidence, raw, answer
+    for part in ("given", "free-form", "groups-body", "ff-samples", "ff-judge", "ff-budget"):
+        assert part in ids, part
+    assert "hidden" in ids["given"][1] and "hidden" in ids["free-form"][1]
+
+
+async def test_the_fake_app_scores_free_form_questions_for_the_browser_tests(
+    tmp_path: Path,
+) -> None:
+    """The fake model test_web_browser.py drives the page with: answers=[...] are the
+    samples, the judge joins an answer containing another's words."""
+    question = "Capital? answers=[Canberra|canberra|the city of Canberra|Melbourne] p=0.7"
+    async with serve(_settings(tmp_path / "db")) as client:
+        plain = await client.post("/score", json={"question": question})
+        exact = await client.post("/score", json={"question": question, "answer": "Canberra!"})
+        judged = await client.post("/score", json={"question": question, "answer": "Canberra, AU"})
+        bad = await client.post("/score", json={"question": question, "answer": "the"})
+        sampling = await client.post(
+            "/score", json={"question": "q", "options": ["a", "b"], "mode": "sampling"}
+        )
+    assert plain.status_code == 200, plain.text
+    body = plain.json()
+    assert body["task"] == "free_form" and body["given"] is None
+    assert [(g["representative"], g["members"], g["count"]) for g in body["groups"]] == [
+        ("Canberra", ["Canberra", "canberra", "the city of Canberra"], 8),
+        ("Melbourne", ["Melbourne"], 2),
+    ]
+    assert body["distribution"] == pytest.approx({"A": 0.7, "B": 0.3})
+    given = exact.json()["given"]
+    assert (given["index"], given["match"]) == (0, "exact")
+    given = judged.json()["given"]
+    assert (given["index"], given["match"]) == (0, "judge")
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "answer"]
+    assert sampling.status_code == 400  # no other generation: as before free-form samples
+
+
 async def test_ui_off_removes_the_page(tmp_path: Path) -> None:
     assert Settings(_env_file=None, ui="off").ui is False  # type: ignore[call-arg]
     async with serve(_settings(tmp_path / "db", ui=False)) as client:

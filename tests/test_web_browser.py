@@ -1,6 +1,7 @@
 """The web page in a real browser: Debian's headless chromium (chromium-driver, Selenium)
 against ``ufcal serve`` on the fake engine (tests/fake_app.py: the question's ``p=`` sets
-P(A), ``engine-error`` fails the engine), with API keys and UFCAL_LOG_TEXT on. One browser
+P(A), ``answers=[...]`` a free-form question's samples, ``engine-error`` fails the engine),
+with API keys and UFCAL_LOG_TEXT on. One browser
 session serves the whole module; the last test loads the page on the real vLLM engine.
 
 A missing chromium skips these tests loudly; with UFCAL_REQUIRE_DEPLOY_TOOLS=1 (CI) it
@@ -134,6 +135,22 @@ def fill_form(driver: WebDriver, question: str, options: list[str]) -> None:
             add.click()
         inputs = driver.find_elements(By.CSS_SELECTOR, ".option-input")
         inputs[i].send_keys(option)
+
+
+def fill_answer(driver: WebDriver, answer: str | None) -> None:
+    """Type the answer to score (None: leave the field empty)."""
+    field = driver.find_element(By.ID, "answer")
+    field.clear()
+    if answer is not None:
+        field.send_keys(answer)
+
+
+def fill_free_form(driver: WebDriver, question: str, answer: str | None) -> None:
+    """Choose a free-form question (no options) and type it and the answer to score."""
+    driver.find_element(By.ID, "task-free").click()
+    wait(driver, lambda d: not shown(d, "options-set"), "the options to go")
+    driver.execute_script("document.getElementById('question').value = arguments[0]", question)
+    fill_answer(driver, answer)
 
 
 def submit(driver: WebDriver, timeout: float = WAIT_S) -> None:
@@ -325,6 +342,158 @@ def test_bad_input_shows_the_apis_message_next_to_the_field(
     expected = next(i["msg"] for i in issues["detail"] if i["loc"][:2] == ["body", field])
     wait(driver, lambda d: text(d, f"{field}-error") == expected, f"the {field} message")
     assert not shown(driver, "result")
+
+
+FREE_QUESTION = (
+    "What is the capital of Australia? "
+    "answers=[Canberra|canberra|the city of Canberra|Melbourne|Canberra] p=0.7"
+)
+
+
+def groups_table(driver: WebDriver) -> list[list[str]]:
+    """The groups table's cells, row by row (read in one go: no poll re-renders it, but a
+    cell's members are a list)."""
+    rows: list[list[str]] = driver.execute_script(
+        "return [...document.querySelectorAll('#groups-body tr')].map(row =>"
+        " [...row.cells].map(cell => cell.querySelector('ul') ?"
+        " [...cell.querySelectorAll('li')].map(li => li.textContent).join(' | ') :"
+        " cell.textContent))"
+    )
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [(None, None), ("Sydney", "absent"), ("Canberra, Australia", "judge")],
+)
+def test_free_form_question_shows_the_groups_and_the_given_answer(
+    driver: WebDriver, server: ServerProcess, answer: str | None, match: str | None
+) -> None:
+    open_page(driver, server.base_url)
+    before = text(driver, "result-meta") if shown(driver, "result") else ""
+    fill_free_form(driver, FREE_QUESTION, answer)
+    submit(driver)
+    wait(driver, lambda d: shown(d, "result") and text(d, "result-meta") != before, "the result")
+    assert text(driver, "form-error") == ""
+    # the same question through the API: the fake model is deterministic
+    body: dict[str, Any] = {"question": FREE_QUESTION, "method": "uf"}
+    if answer is not None:
+        body["answer"] = answer
+    reply = api(server, "POST", "/score", body).json()
+    assert reply["task"] == "free_form"
+
+    assert text(driver, "result-task") == "free_form"
+    assert text(driver, "answer-label") == "A" and text(driver, "answer-text") == "Canberra"
+    assert text(driver, "confidence") == f"{reply['confidence']:.3f}"
+    assert shown(driver, "free-form")
+    expected = []
+    for i, group in enumerate(reply["groups"]):
+        marks = (["model's"] if i == reply["answer"]["index"] else []) + (
+            ["given"] if group["given"] else []
+        )
+        expected.append(
+            [
+                group["label"],
+                group["representative"],
+                " | ".join(group["members"]),
+                str(group["count"]),
+                f"{group['confidence']:.3f}",
+                f"{group['raw_confidence']:.3f}",
+                ", ".join(marks),
+            ]
+        )
+    assert groups_table(driver) == expected
+    members = "Canberra | canberra | the city of Canberra"
+    if match == "judge":  # the given answer joins the group it means, as a member
+        members += f" | {answer}"
+    assert expected[0][:4] == ["A", "Canberra", members, "8"]
+    assert expected[1][:4] == ["B", "Melbourne", "Melbourne", "2"]
+    marked = driver.find_elements(By.CSS_SELECTOR, "#groups-body tr.given")
+    ff = reply["free_form"]
+    assert (
+        text(driver, "ff-samples") == f"{ff['samples_taken']} · {ff['samples_usable']}" == "10 · 10"
+    )
+    assert text(driver, "ff-judge") == (
+        f"{ff['judge_prompts']} · {ff['judge_rounds']} · {ff['judge_skipped']}"
+    )
+    usage = reply["usage"]
+    assert text(driver, "ff-budget") == f"{usage['prompts']} / {usage['max_prompts']}"
+    # the options UF ran over are the groups
+    options = [li.text for li in driver.find_elements(By.CSS_SELECTOR, "#result-options li")]
+    assert options == [f"{g['label']} {g['representative']}" for g in reply["groups"]]
+
+    if answer is None:
+        assert not shown(driver, "given") and not marked
+        assert text(driver, "feedback-question") == "Was the answer right?"
+        return
+    given = reply["given"]
+    assert given["match"] == match
+    assert shown(driver, "given")
+    assert text(driver, "given-text") == answer
+    assert text(driver, "given-label") == reply["groups"][given["index"]]["label"]
+    assert text(driver, "given-confidence") == f"{given['confidence']:.3f}"
+    assert text(driver, "given-raw-confidence") == f"{given['raw_confidence']:.3f}"
+    assert text(driver, "given-vs-model") == f"A · {reply['confidence']:.3f}"
+    assert match in text(driver, "given-match")
+    assert len(marked) == 1 and "given" in marked[0].text
+    assert text(driver, "feedback-question") == "Was the given answer right?"
+    if match == "absent":  # an option of its own, never said: exactly 0
+        assert expected[-1][1:4] == ["Sydney", "Sydney", "0"]
+        assert text(driver, "given-confidence") == "0.000"
+
+
+def test_multiple_choice_answer_by_letter_index_or_text(
+    driver: WebDriver, server: ServerProcess
+) -> None:
+    open_page(driver, server.base_url)
+    question, options = "Which planet is the largest? p=0.8", ["Jupiter", "Mars", "Venus"]
+    reply = api(
+        server, "POST", "/score", {"question": question, "options": options, "answer": 1}
+    ).json()
+    for answer in ("b", "1", " Mars "):
+        fill_answer(driver, answer)
+        score_in_page(driver, question, options)
+        assert text(driver, "result-task") == "multiple_choice"
+        assert not shown(driver, "free-form")
+        assert text(driver, "given-label") == "B" and text(driver, "given-text") == "Mars"
+        assert text(driver, "given-confidence") == f"{reply['given']['confidence']:.3f}"
+        assert text(driver, "given-vs-model") == f"A · {reply['confidence']:.3f}"
+    # switching back and forth keeps the options; an empty answer sends none
+    driver.find_element(By.ID, "task-free").click()
+    driver.find_element(By.ID, "task-mc").click()
+    fill_answer(driver, None)
+    score_in_page(driver, question, options)
+    assert not shown(driver, "given") and text(driver, "answer-text") == "Jupiter"
+
+
+@pytest.mark.parametrize(
+    ("options", "answer"),
+    [
+        (["Oxygen", "Helium"], "C"),
+        (["Oxygen", "Helium"], "7"),
+        (None, "the"),
+    ],
+)
+def test_bad_answer_shows_the_apis_message_next_to_the_answer(
+    driver: WebDriver, server: ServerProcess, options: list[str] | None, answer: str
+) -> None:
+    open_page(driver, server.base_url)
+    question = "Which one? p=0.7"
+    body: dict[str, Any] = {"question": question, "answer": answer}
+    if options is None:
+        fill_free_form(driver, question, answer)
+    else:
+        fill_form(driver, question, options)
+        fill_answer(driver, answer)
+        body["options"] = options
+        body["answer"] = int(answer) if answer.isdigit() else answer  # what the page sends
+    submit(driver)
+    r = api(server, "POST", "/score", body)
+    assert r.status_code == 422
+    expected = next(i["msg"] for i in r.json()["detail"] if i["loc"] == ["body", "answer"])
+    wait(driver, lambda d: text(d, "answer-error") == expected, "the answer's message")
+    assert not shown(driver, "result")
+    assert text(driver, "form-error") == ""
 
 
 def test_engine_error_shows_the_apis_message(driver: WebDriver, server: ServerProcess) -> None:

@@ -8,7 +8,17 @@
   const POLL_MS = 3000;
   const KEY_STORAGE = "ufcal-api-key";
   const LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ";
-  const FIELDS = ["question", "options", "method", "mode"];
+  const FIELDS = ["question", "options", "answer", "method", "mode"];
+  const ANSWER_HINTS = {
+    multiple_choice: "An option's letter (A, B, …), its text, or its 0-based index (a number is an index).",
+    free_form: "The answer's text: it gets the confidence of the group of the model's answers it means.",
+  };
+  const MATCHES = {
+    option: "",
+    exact: "matched: it normalises like one of the model's sampled answers",
+    judge: "matched by the judge: it means what this group says",
+    absent: "absent: the model never said anything like it, so it was scored as an option of its own (low, 0 when no fidelity chain reaches it)",
+  };
 
   const state = {
     key: sessionStorage.getItem(KEY_STORAGE) || "",
@@ -16,7 +26,7 @@
     polling: false,
     again: false,
     noCalibrators: 0, // polls to skip /calibrators after a 404
-    lastScore: null, // {id, sentOptions}
+    lastScore: null, // {id}
   };
 
   const $ = (id) => document.getElementById(id);
@@ -134,6 +144,26 @@
     return input;
   }
 
+  function freeForm() {
+    return $("task-free").checked;
+  }
+
+  // Free-form: no options are sent, so their inputs are hidden; the answer hint follows.
+  function showTask() {
+    const task = freeForm() ? "free_form" : "multiple_choice";
+    $("options-set").hidden = task === "free_form";
+    $("answer-hint").textContent = ANSWER_HINTS[task];
+  }
+
+  // The answer field as /score takes it: a whole number is an option's index (a JSON
+  // integer) for multiple choice; anything else, and every free-form answer, is text.
+  function answerValue(text, task) {
+    const trimmed = text.trim();
+    if (!trimmed) return undefined;
+    if (task === "multiple_choice" && /^-?[0-9]+$/.test(trimmed)) return Number(trimmed);
+    return text;
+  }
+
   function clearErrors() {
     for (const field of FIELDS) $(`${field}-error`).textContent = "";
     for (const span of document.querySelectorAll(".option-error")) span.textContent = "";
@@ -167,13 +197,13 @@
   async function submitQuestion(event) {
     event.preventDefault();
     clearErrors();
+    const task = freeForm() ? "free_form" : "multiple_choice";
     const inputs = Array.from(document.querySelectorAll(".option-input"));
-    const sentInputs = inputs.filter((input) => input.value.trim() !== "");
-    const payload = {
-      question: $("question").value,
-      options: sentInputs.map((input) => input.value),
-      method: $("method").value,
-    };
+    const sentInputs = task === "free_form" ? [] : inputs.filter((input) => input.value.trim() !== "");
+    const payload = { question: $("question").value, method: $("method").value };
+    if (task === "multiple_choice") payload.options = sentInputs.map((input) => input.value);
+    const answer = answerValue($("answer").value, task);
+    if (answer !== undefined) payload.answer = answer;
     if ($("mode").value) payload.mode = $("mode").value;
     $("submit").disabled = true;
     $("busy").hidden = false;
@@ -183,7 +213,7 @@
         showErrors(result, sentInputs);
         return;
       }
-      showResult(result.body, payload.options);
+      showResult(result.body, payload.options || []);
       refresh();
     } finally {
       $("submit").disabled = false;
@@ -191,9 +221,19 @@
     }
   }
 
-  function showResult(reply, options) {
+  // The options UF ran over: the sent ones, or (free-form) the groups then the abstention.
+  function optionsOf(reply, sent) {
+    if (!Array.isArray(reply.groups)) return sent;
+    const options = reply.groups.map((g) => g.representative);
+    if (reply.free_form && reply.free_form.abstention) options.push(reply.free_form.abstention);
+    return options;
+  }
+
+  function showResult(reply, sent) {
+    const options = optionsOf(reply, sent);
     state.lastScore = { id: reply.id };
     $("result").hidden = false;
+    $("result-task").textContent = reply.task || "multiple_choice";
     $("answer-label").textContent = reply.answer.label;
     $("answer-text").textContent = reply.answer.text;
     $("confidence").textContent = fmt(reply.confidence);
@@ -203,7 +243,10 @@
     $("result-calibrator").textContent = calibratorName(reply.calibrator);
     $("result-meta").textContent =
       `id ${reply.id} · ${reply.method} · ${reply.mode} · ${reply.model} · ` +
-      `${reply.usage.engine_calls} engine calls · ${fmt(reply.latency_ms, 0)} ms`;
+      `${reply.usage.engine_calls} engine calls · ${reply.usage.prompts} prompts · ` +
+      `${fmt(reply.latency_ms, 0)} ms`;
+    showGiven(reply, options);
+    showFreeForm(reply);
     const labels = Object.keys(reply.distribution);
     $("distribution").replaceChildren(
       distributionChart(labels, reply.distribution, reply.fidelity, reply.answer.label, options)
@@ -215,9 +258,75 @@
     if (!$("chains").children.length) {
       $("chains").append(el("li", { class: "muted", text: "no chains: this method runs none" }));
     }
+    // A score with a given answer is stored for it: feedback judges that answer.
+    $("feedback-question").textContent = reply.given ? "Was the given answer right?" : "Was the answer right?";
     $("result-right").disabled = false;
     $("result-wrong").disabled = false;
     $("result-feedback").textContent = "";
+  }
+
+  function showGiven(reply, options) {
+    const given = reply.given;
+    $("given").hidden = !given;
+    if (!given) return;
+    const label = typeof given.index === "number" ? LETTERS[given.index] : "–";
+    $("given-label").textContent = label;
+    $("given-text").textContent = given.answer;
+    $("given-confidence").textContent = fmt(given.confidence);
+    $("given-raw-confidence").textContent = fmt(given.raw_confidence);
+    $("given-vs-model").textContent = `${reply.answer.label} · ${fmt(reply.confidence)}`;
+    const shownAs = options[given.index];
+    const note = MATCHES[given.match] || given.match;
+    const group = reply.task === "free_form" && shownAs !== undefined ? `in group ${label} (${shownAs})` : "";
+    $("given-match").textContent = [group, note].filter(Boolean).join(" · ");
+  }
+
+  function showFreeForm(reply) {
+    const groups = Array.isArray(reply.groups) ? reply.groups : null;
+    $("free-form").hidden = !groups;
+    if (!groups) return;
+    const ff = reply.free_form || {};
+    $("groups-body").replaceChildren(
+      ...groups.map((g, i) => {
+        const marks = [];
+        if (i === reply.answer.index) marks.push("model's");
+        if (g.given) marks.push("given");
+        const classes = [g.given ? "given" : "", i === reply.answer.index ? "answer" : ""].filter(Boolean);
+        return el(
+          "tr",
+          { class: classes.join(" ") },
+          el("th", { scope: "row" }, el("span", { class: "chip", text: g.label })),
+          el("td", { class: "representative", text: g.representative }),
+          el("td", {}, el("ul", { class: "members" }, ...g.members.map((m) => el("li", { text: m })))),
+          el("td", { class: "number", text: String(g.count) }),
+          el("td", { class: "number", text: fmt(g.confidence) }),
+          el("td", { class: "number", text: fmt(g.raw_confidence) }),
+          el("td", { class: "marks", text: marks.join(", ") })
+        );
+      })
+    );
+    const abstention = ff.abstention;
+    $("abstention").hidden = !abstention;
+    $("abstention").textContent = abstention
+      ? `All samples agreed, so UF also offered option ${LETTERS[groups.length]}, "${abstention}" ` +
+        `(it needs two options; not a group)` +
+        (reply.answer.index === groups.length ? ": the model chose it." : ".")
+      : "";
+    $("ff-samples").textContent = `${ff.samples_taken} · ${ff.samples_usable}`;
+    $("ff-judge").textContent = `${ff.judge_prompts} · ${ff.judge_rounds} · ${ff.judge_skipped}`;
+    const usage = reply.usage;
+    $("ff-budget").textContent = usage.max_prompts
+      ? `${usage.prompts} / ${usage.max_prompts}`
+      : `${usage.prompts} / no limit`;
+    $("ff-entropy").textContent = `${fmt(ff.semantic_entropy)} (${fmt(ff.semantic_entropy_normalized)})`;
+    const notes = [`largest group ${fmt(100 * (ff.largest_group_share || 0), 0)}% of the usable samples`];
+    if (usage.budget_hit) notes.push("the budget bound this question");
+    if (usage.budget_fitted) notes.push("budget fitted to the deadline");
+    if (ff.judge_skipped) notes.push(`${ff.judge_skipped} judge pairs skipped: their groups stay apart`);
+    if (ff.dropped_groups) {
+      notes.push(`${ff.dropped_groups} groups (${ff.dropped_samples} samples) past the 26 options left out`);
+    }
+    $("ff-notes").textContent = notes.join(" · ");
   }
 
   function calibratorName(calibrator) {
@@ -562,6 +671,8 @@
     $("question").value = "Which gas do plants take from the air for photosynthesis?";
     $("add-option").addEventListener("click", () => addOption().focus());
     $("score-form").addEventListener("submit", submitQuestion);
+    for (const radio of document.querySelectorAll('input[name="task"]')) radio.addEventListener("change", showTask);
+    showTask(); // the browser may have kept a choice across a reload
     $("key-form").addEventListener("submit", useKey);
     $("key-change").addEventListener("click", () => askForKey(""));
     $("result-right").addEventListener("click", () => feedbackForResult(true));
