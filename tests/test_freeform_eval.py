@@ -370,3 +370,11 @@ def test_bench_variant_f_beside_multiple_choice_uf() -> None:
     report.update(variants=list(rows.values()), freeform_cost=cost)
     assert "free-form (f) against 4-option multiple-choice UF" in format_table(report)
     assert freeform_cost({k: v for k, v in results.items() if k != "f"}) is None
+
+
+def test_the_queue_interleaves_the_rungs() -> None:
+    from service.evaluation.freeform import interleave_lanes
+
+    items = arithmetic_items(["add1", "mul1", "add2"], per_level=2, seed=0)
+    order = interleave_lanes([(i, ["uf"]) for i in items])
+    assert [i.level_name for i, _ in order] == ["add1", "mul1", "add2"] * 2

@@ -211,6 +211,19 @@ def confidence_rows(
 # ----------------------------------------------------------------------- runner
 
 
+def interleave_lanes(
+    pending: Sequence[tuple[FreeformItem, list[str]]],
+) -> list[tuple[FreeformItem, list[str]]]:
+    """Round-robin over the (dataset, rung) lanes, each in order, so that a run stopped
+    early has made even progress on every dataset and every rung of the ladder."""
+    lanes: dict[tuple[str, int | None], list[tuple[FreeformItem, list[str]]]] = {}
+    for entry in pending:
+        lanes.setdefault((entry[0].dataset, entry[0].level), []).append(entry)
+    queues = list(lanes.values())
+    longest = max(map(len, queues), default=0)
+    return [q[i] for i in range(longest) for q in queues if i < len(q)]
+
+
 async def run_freeform_eval(
     items: Sequence[FreeformItem],
     methods: Sequence[str],
@@ -245,7 +258,7 @@ async def run_freeform_eval(
 
         bar = tqdm(total=len(pending), unit="q", file=sys.stderr, desc="eval", dynamic_ncols=True)
     queue: asyncio.Queue[tuple[FreeformItem, list[str]]] = asyncio.Queue()
-    for entry in pending:
+    for entry in interleave_lanes(pending):
         queue.put_nowait(entry)
 
     async def worker() -> None:
