@@ -148,8 +148,12 @@ def freeform_eval_command(args: argparse.Namespace, argv: Sequence[str] | None =
             f"model: {', '.join(models) or '-'}; engine: {engine}",
             f"K = {params.samples} samples of the brief-answer prompt at T = 1.0, UF mode "
             f"{mode}, tau = {params.tau}, eps = {params.eps}, judge: {args.judge}",
-            "questions: "
-            + ", ".join(f"{d} {sum(1 for i in items if i.dataset == d)}" for d in datasets),
+            "questions scored: "
+            + ", ".join(
+                f"{d} {len({str(r['id']) for r in rows if r['dataset'] == d})} of "
+                f"{sum(1 for i in items if i.dataset == d)} selected"
+                for d in datasets
+            ),
         ]
         report_path = Path(args.report)
         report_path.parent.mkdir(parents=True, exist_ok=True)
