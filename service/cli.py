@@ -231,9 +231,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.no_engine and args.no_overhead:
         raise ArgumentError("--no-engine with --no-overhead leaves nothing to measure")
-    bad = sorted(set(args.variants) - set("abcde"))
+    bad = sorted(set(args.variants) - set("abcdef"))
     if bad or not args.variants:
-        raise ArgumentError(f"argument --variants: letters from abcde, got {args.variants!r}")
+        raise ArgumentError(f"argument --variants: letters from abcdef, got {args.variants!r}")
+    if args.judge != "engine" and "f" not in args.variants:
+        raise ArgumentError("argument --judge: only with variant f (free-form)")
     output_file(args.out, "--out")
     settings = load_settings(**({"engine_url": args.engine_url} if args.engine_url else {}))
     if not args.no_engine:
@@ -286,7 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine-url", default=None, help="vLLM server(s); default: UFCAL_ENGINE_URL or in-process"
     )
     bench.add_argument(
-        "--variants", default="abcd", help="subset of a, b, c, d, e (e: b with --skip-mass)"
+        "--variants",
+        default="abcd",
+        help="subset of a, b, c, d, e (e: b with --skip-mass), f (free-form UF K=10 beside "
+        "b and c: every variant then asks 4-option questions)",
+    )
+    bench.add_argument(
+        "--judge",
+        choices=["engine", "exact", "nli"],
+        default="engine",
+        help="variant f: how sampled answers are grouped beyond exact match (as ufcal eval)",
     )
     bench.add_argument(
         "--skip-mass", type=fraction, default=0.1, help="the cost bound of variant e (default 0.1)"

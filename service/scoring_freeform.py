@@ -118,6 +118,19 @@ class EngineJudge:
         return verdicts
 
 
+class ExactOnlyJudge:
+    """No judge: every pair is "different", so only the exact tier (normalised match)
+    groups answers; costs nothing. For answers with one canonical written form (numbers),
+    where a paraphrase judge can only add errors."""
+
+    engine_prompts_per_pair = 0
+
+    async def same(
+        self, question: str, pairs: Sequence[tuple[str, str]], usage: Usage | None = None
+    ) -> list[bool]:
+        return [False] * len(pairs)
+
+
 class NliJudge:
     """The alternative judge: an NLI cross-encoder (e.g. DeBERTa-MNLI) loaded with
     ``transformers`` from a local folder (``UFCAL_FREEFORM_NLI_MODEL``; never the hub).

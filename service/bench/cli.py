@@ -15,6 +15,7 @@ from service.config import Settings
 from .runner import (
     cost_bound_effect,
     format_table,
+    freeform_cost,
     load_questions,
     machine,
     prefill_bound,
@@ -28,7 +29,16 @@ async def _engine_part(args: argparse.Namespace, settings: Settings) -> dict[str
     from service.engines import build_engine
 
     data = Path(args.data)
-    questions = load_questions(data, args.n)
+    judge = None
+    if "f" in args.variants:
+        # Free-form against 4-option multiple-choice UF: every variant asks 4-option questions.
+        questions = load_questions(data, args.n, options=4)
+        if getattr(args, "judge", "engine") != "engine":
+            from service.evaluation.freeform_command import build_judge
+
+            judge = build_judge(args.judge, settings)
+    else:
+        questions = load_questions(data, args.n)
     engine = await build_engine(settings)
     await engine.start()
     sweep: list[dict[str, Any]] = []
@@ -42,6 +52,7 @@ async def _engine_part(args: argparse.Namespace, settings: Settings) -> dict[str
             samples=args.samples,
             skip_mass=args.skip_mass,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
+            judge=judge,
         )
         if getattr(args, "sweep", ""):
             from .sweep import run_sweep
@@ -66,6 +77,8 @@ async def _engine_part(args: argparse.Namespace, settings: Settings) -> dict[str
         "n": len(questions),
         "variants": stats_rows(results),
         "ratios": ratios(results),
+        "freeform_cost": freeform_cost(results),
+        "judge": getattr(args, "judge", "engine"),
         "prefill_bound": prefill_bound(results),
         "skip_mass": args.skip_mass,
         "cost_bound": cost_bound_effect(results),

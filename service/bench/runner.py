@@ -30,12 +30,21 @@ from .naive import naive_uf_sampling
 
 QuestionFn = Callable[[Question], Awaitable[tuple[Usage, float | None]]]
 
+
+@dataclass
+class FreeformUsage(Usage):
+    """A free-form question's usage, with how many of its prompts the judge asked."""
+
+    judge_prompts: int = 0
+
+
 VARIANTS = {
     "a": "plain answer (1 greedy answer, no confidence)",
     "b": "UF logprobs (lockstep batches)",
     "c": "UF sampling K=10 (lockstep batches)",
     "d": "naive paper-style UF sampling K=10 (sequential)",
     "e": "UF logprobs with the cost bound (skip_mass)",
+    "f": "free-form UF K=10 (no options: samples, judge, UF over the groups)",
 }
 # Warms the engine (first-call set-up, the cached system prompt) without caching any
 # measured question's prefix.
@@ -56,6 +65,7 @@ class VariantStats:
     latencies_ms: list[float] = field(default_factory=list, repr=False)
     confidences: dict[int, float] = field(default_factory=dict, repr=False)
     prompts: int = 0
+    judge_prompts: int = 0
     engine_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -91,6 +101,7 @@ class VariantStats:
             "p99_ms": round(self.percentile(99), 1),
             "engine_calls_per_q": round(self.per_question(self.engine_calls), 2),
             "prompts_per_q": round(self.per_question(self.prompts), 2),
+            "judge_prompts_per_q": round(self.per_question(self.judge_prompts), 2),
             "prompt_tokens_per_q": round(self.per_question(self.prompt_tokens), 1),
             "completion_tokens_per_q": round(self.per_question(self.completion_tokens), 1),
             "computed_prompt_tokens_per_q": self._engine_count(self.computed_prompt_tokens),
@@ -158,6 +169,7 @@ async def run_variant(
             if confidence is not None:
                 stats.confidences[index] = confidence
             stats.prompts += usage.prompts
+            stats.judge_prompts += getattr(usage, "judge_prompts", 0)
             stats.engine_calls += usage.engine_calls
             stats.prompt_tokens += usage.prompt_tokens
             stats.completion_tokens += usage.completion_tokens
@@ -178,9 +190,12 @@ async def run_engine_variants(
     samples: int = 10,
     skip_mass: float = 0.1,
     progress: Callable[[str], None] = lambda _: None,
+    judge: Any = None,
 ) -> dict[str, VariantStats]:
     """(a) plain, (b) UF logprobs, (c) UF sampling, (d) naive, (e) UF logprobs with the
-    cost bound; same engine, same questions."""
+    cost bound, (f) free-form UF (the question's text alone, UF over the sampled answers'
+    groups in logprobs mode, ``judge``: the equivalence judge, None = the engine's);
+    same engine, same questions."""
 
     async def uf_mode(mode: str, question: Question, skip: float = 0.0) -> tuple[Usage, float]:
         params = ScoreParams(mode=mode, samples=samples, skip_mass=skip)  # type: ignore[arg-type]
@@ -191,12 +206,22 @@ async def run_engine_variants(
         result = await naive_uf_sampling(question, engine, template, samples=samples)
         return result.usage, result.confidence
 
+    async def freeform(question: Question) -> tuple[Usage, float]:
+        from service.scoring_freeform import FreeformContext, score_freeform
+
+        params = ScoreParams(mode="logprobs", samples=samples)
+        context = FreeformContext(template=template, judge=judge)
+        result = await score_freeform(question.text, engine, params, context=context)
+        usage = FreeformUsage(**vars(result.usage), judge_prompts=result.judge_prompts)
+        return usage, result.confidence
+
     runners: dict[str, tuple[QuestionFn, int]] = {
         "a": (lambda q: plain_answer(q, engine, template), concurrency),
         "b": (lambda q: uf_mode("logprobs", q), concurrency),
         "c": (lambda q: uf_mode("sampling", q), concurrency),
         "d": (naive, 1),  # one question at a time: the naive reference
         "e": (lambda q: uf_mode("logprobs", q, skip_mass), concurrency),
+        "f": (freeform, concurrency),
     }
     await run_variant("b", [WARMUP], runners["b"][0], 1)
     results: dict[str, VariantStats] = {}
@@ -248,6 +273,29 @@ def prefill_bound(results: dict[str, VariantStats]) -> dict[str, float]:
         tokens = stats.per_question(int(stats.computed_prompt_tokens))
         if tokens > 0:
             out[f"{key}/a"] = round(plain / tokens, 3)
+    return out
+
+
+def freeform_cost(results: dict[str, VariantStats]) -> dict[str, Any] | None:
+    """Engine seconds per question of free-form UF (f) beside 4-option multiple-choice UF in
+    both modes (b, c), measured in the same run, and f's time over each. Engine seconds
+    per question: the variant's wall time over its questions, every variant with the same
+    questions in flight (1 / throughput)."""
+    if "f" not in results:
+        return None
+    f = results["f"]
+    out: dict[str, Any] = {
+        "judge_prompts_per_q": round(f.per_question(f.judge_prompts), 2),
+        "prompts_per_q": round(f.per_question(f.prompts), 2),
+        "engine_s_per_q": {},
+        "time_ratio": {},
+    }
+    for key in ("f", "b", "c"):
+        stats = results.get(key)
+        if stats is not None and stats.qps > 0:
+            out["engine_s_per_q"][key] = round(1.0 / stats.qps, 4)
+            if key != "f" and f.qps > 0:
+                out["time_ratio"][f"f/{key}"] = round(stats.qps / f.qps, 2)
     return out
 
 
@@ -306,6 +354,17 @@ def format_table(report: dict[str, Any]) -> str:
             "throughput ratios: "
             + ", ".join(f"{k} = {v:.2f}" for k, v in report["ratios"].items()),
         ]
+    cost = report.get("freeform_cost")
+    if cost:
+        seconds = ", ".join(f"{k} {v:.2f} s" for k, v in cost["engine_s_per_q"].items())
+        times = ", ".join(f"{k} = {v:.2f}" for k, v in cost["time_ratio"].items())
+        lines += [
+            "",
+            f"free-form (f) against 4-option multiple-choice UF (b logprobs, c sampling), "
+            f"engine seconds per question: {seconds}; time ratios {times or '-'}; f asked "
+            f"{cost['prompts_per_q']:.1f} prompts/q, {cost['judge_prompts_per_q']:.1f} of them "
+            "the judge's",
+        ]
     if report.get("prefill_bound"):
         lines += [
             "",
@@ -334,8 +393,15 @@ def stats_rows(results: dict[str, VariantStats]) -> list[dict[str, Any]]:
     return [results[k].summary() for k in sorted(results)]
 
 
-def load_questions(path: Path, n: int, subjects: Collection[str] | None = None) -> list[Question]:
+def load_questions(
+    path: Path, n: int, subjects: Collection[str] | None = None, options: int | None = None
+) -> list[Question]:
     """The first ``n`` questions of an MCQA JSONL file (the shared data format), only those
-    of ``subjects`` when given."""
-    items = [item for item in load_mcqa(path) if subjects is None or item.subject in subjects]
+    of ``subjects`` and of exactly ``options`` options when given."""
+    items = [
+        item
+        for item in load_mcqa(path)
+        if (subjects is None or item.subject in subjects)
+        and (options is None or len(item.options) == options)
+    ]
     return [Question(item.question, item.options) for item in items[:n]]

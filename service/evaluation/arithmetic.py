@@ -10,6 +10,8 @@ difficulty grows with it), and ``id`` names the level (``arith-add2-007``).
 The ladder is configurable because the right one depends on the model: the embedded
 SmolLM2-135M should be right on 20-80% of the items overall, less often as the level grows;
 pick ``levels`` (names of ``LEVELS``, or ``Level`` objects) and ``per_level`` to get there.
+``DEFAULT_LEVELS`` is the subset fitted to the embedded model (see there); ``LEVELS`` keeps
+every rung for larger models.
 ``grade(prediction, reference)`` scores a reply: integers by value, else SQuAD's
 normalised exact match."""
 
@@ -83,7 +85,13 @@ LEVELS: dict[str, Level] = {
         Level("mul32", "*", 3, 2),
     )
 }
-DEFAULT_LEVELS: tuple[str, ...] = tuple(LEVELS)
+# The rungs fitted to the embedded SmolLM2-135M (10 samples at T = 1 of the brief-answer
+# prompt, 20 questions per rung, seed 99, not the evaluation's seed 0): the largest group
+# was right on add1 30%, mul1 35%, mul21 15%, add2 5%, add21 0% of the questions, and on
+# 0-5% of every other rung (sub2, add3, sub3, mul22, add4, mul32), so those would only add
+# questions the model never gets right. Ordered by that measured accuracy (mul21 before
+# add2: the model does worse on two-digit sums than on a two-digit times a digit).
+DEFAULT_LEVELS: tuple[str, ...] = ("add1", "mul1", "mul21", "add2", "add21")
 
 
 def _span(digits: int) -> int:

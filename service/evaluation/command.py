@@ -229,6 +229,10 @@ async def _run(
 def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     """Run (or resume) the evaluation, then print the table (stdout) and write figures and
     report. Arguments, files and settings are checked before the engine starts."""
+    if args.freeform:
+        from service.evaluation.freeform_command import freeform_eval_command
+
+        return freeform_eval_command(args, argv)
     settings = load_settings()
     paths, methods = check_eval_arguments(args, settings)
     notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else ""
