@@ -153,6 +153,7 @@ def confidence_rows(
     base: dict[str, Any] = {
         "dataset": item.dataset,
         "id": item.id,
+        "task": "free_form",  # ufcal calibrate keeps these labels apart from multiple choice
         "mode": mode,
         "subject": item.subject,
         "level": item.level,
