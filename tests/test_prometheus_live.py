@@ -127,6 +127,7 @@ def promql(base_url: str, query: str) -> list[dict[str, Any]]:
 
 
 RETURNED = 'ufcal_live_{}{{confidence="returned", task="multiple_choice"}}'
+RAW = 'ufcal_live_{}{{confidence="raw", task="multiple_choice"}}'
 
 
 def scalar(base_url: str, query: str) -> float | None:
@@ -175,7 +176,9 @@ def test_prometheus_scrapes_requests_and_live_calibration(
             for name in ("ece", "accuracy", "brier", "ipr", "ce"):
                 got = scalar(prom_url, RETURNED.format(name))
                 assert got == pytest.approx(calibration[name], abs=1e-9), name
-                raw = scalar(prom_url, f'ufcal_live_{name}{{confidence="raw"}}')
+                raw = scalar(
+                    prom_url, f'ufcal_live_{name}{{confidence="raw", task="multiple_choice"}}'
+                )
                 assert raw == pytest.approx(calibration["raw"][name], abs=1e-9), name
             feedback = {
                 s["metric"]["outcome"]: float(s["value"][1])
@@ -222,7 +225,7 @@ def test_feedback_survives_restart(tmp_path: Path) -> None:
     assert after == before and after["n"] == 4
     assert again.status_code == 409
     assert late.status_code == 201 and late.json()["window_size"] == 5
-    assert 'ufcal_live_window_size{confidence="returned"} 4.0' in metrics
+    assert 'ufcal_live_window_size{confidence="returned",task="multiple_choice"} 4.0' in metrics
 
 
 def test_acknowledged_feedback_survives_kill_9(tmp_path: Path) -> None:

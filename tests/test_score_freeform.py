@@ -513,7 +513,9 @@ def test_free_form_prompt_size() -> None:
 
 def test_a_fitted_default_budget_keeps_the_free_form_minimum() -> None:
     class Tight:
-        def prompts_within(self, seconds: float, size: float = 1.0) -> int:
+        def prompts_within(
+            self, seconds: float, size: float = 1.0, share: float | None = None
+        ) -> int:
             return 1  # the engine is so slow that one prompt fits the deadline
 
     state: Any = SimpleNamespace(settings=_settings(), admission=Tight())
