@@ -24,9 +24,7 @@ with the largest group: ``largest_share`` (its share of the usable samples) and
 
 from __future__ import annotations
 
-import asyncio
 import re
-import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -38,7 +36,7 @@ from service.engines.base import Engine, EngineError
 from service.evaluation import arithmetic
 from service.evaluation.data import Item, load_mcqa, select
 from service.evaluation.results import ResultsFile
-from service.evaluation.runner import EvalStats
+from service.evaluation.runner import EvalStats, run_pending
 from service.scoring import ScoreParams, Unscorable, Usage
 
 __all__ = [
@@ -253,42 +251,24 @@ async def run_freeform_eval(
             pending.append((item, todo))
         else:
             stats.skipped += 1
-    bar: Any = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=len(pending), unit="q", file=sys.stderr, desc="eval", dynamic_ncols=True)
-    queue: asyncio.Queue[tuple[FreeformItem, list[str]]] = asyncio.Queue()
-    for entry in interleave_lanes(pending):
-        queue.put_nowait(entry)
-
-    async def worker() -> None:
-        while True:
-            try:
-                item, todo = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            outcome: Any
-            try:
-                outcome = await score_freeform(item.question, engine, params, context=context)
-            except Unscorable as exc:
-                outcome = exc
-            except EngineError as exc:
-                stats.failed += 1
-                stats.errors.append(f"{item.dataset}/{item.id}: {exc}")
-                outcome = None
-            if outcome is not None:
-                for row in confidence_rows(item, outcome, todo, mode, run_id, started):
-                    results.append(row)
-                    stats.written += 1
-                stats.unscorable += isinstance(outcome, Unscorable)
-            if bar is not None:
-                bar.update(1)
+    async def score_one(item: FreeformItem, todo: list[str]) -> None:
+        outcome: Any
+        try:
+            outcome = await score_freeform(item.question, engine, params, context=context)
+        except Unscorable as exc:
+            outcome = exc
+        except EngineError as exc:
+            stats.failed += 1
+            stats.errors.append(f"{item.dataset}/{item.id}: {exc}")
+            return
+        for row in confidence_rows(item, outcome, todo, mode, run_id, started):
+            results.append(row)
+            stats.written += 1
+        stats.unscorable += isinstance(outcome, Unscorable)
 
     try:
-        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+        await run_pending(interleave_lanes(pending), score_one, concurrency, progress)
     finally:
-        if bar is not None:
-            bar.close()
         stats.wall_s = time.time() - started
     return stats

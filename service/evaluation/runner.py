@@ -11,9 +11,9 @@ import asyncio
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from service.calibration.prompts import PromptTemplate, Question
 from service.engines.base import Engine, EngineError
@@ -28,6 +28,9 @@ from service.scoring import (
     method_mode,
     score_methods,
 )
+
+T = TypeVar("T")
+M = TypeVar("M")
 
 __all__ = ["EvalStats", "result_row", "run_eval"]
 
@@ -126,13 +129,43 @@ async def run_eval(
         else:
             stats.skipped += 1
 
+    async def score_one(item: Item, todo: list[Method]) -> None:
+        question = Question(item.question, item.options)
+        outcomes = await score_methods(question, engine, params, todo, template)
+        engine_errors = [o for o in outcomes.values() if isinstance(o, EngineError)]
+        for method, outcome in outcomes.items():
+            if isinstance(outcome, ScoreResult | Unscorable):
+                results.append(result_row(item, method, modes[method], outcome, run_id, started))
+                stats.written += 1
+                stats.unscorable += isinstance(outcome, Unscorable)
+            elif not isinstance(outcome, EngineError):
+                raise outcome
+        if engine_errors:
+            stats.failed += 1
+            stats.errors.append(f"{item.dataset}/{item.id}: {engine_errors[0]}")
+
+    try:
+        await run_pending(_interleave(pending), score_one, concurrency, progress)
+    finally:
+        stats.wall_s = time.time() - started
+    return stats
+
+
+async def run_pending(
+    pending: Sequence[tuple[T, list[M]]],
+    score_one: Callable[[T, list[M]], Awaitable[None]],
+    concurrency: int,
+    progress: bool,
+) -> None:
+    """Run ``score_one`` on each (item, methods to do) in order, ``concurrency`` at a time,
+    with a progress bar on stderr when ``progress``: the loop of every eval."""
     bar: Any = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(pending), unit="q", file=sys.stderr, desc="eval", dynamic_ncols=True)
-    queue: asyncio.Queue[tuple[Item, list[Method]]] = asyncio.Queue()
-    for entry in _interleave(pending):
+    queue: asyncio.Queue[tuple[T, list[M]]] = asyncio.Queue()
+    for entry in pending:
         queue.put_nowait(entry)
 
     async def worker() -> None:
@@ -141,21 +174,7 @@ async def run_eval(
                 item, todo = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            question = Question(item.question, item.options)
-            outcomes = await score_methods(question, engine, params, todo, template)
-            engine_errors = [o for o in outcomes.values() if isinstance(o, EngineError)]
-            for method, outcome in outcomes.items():
-                if isinstance(outcome, ScoreResult | Unscorable):
-                    results.append(
-                        result_row(item, method, modes[method], outcome, run_id, started)
-                    )
-                    stats.written += 1
-                    stats.unscorable += isinstance(outcome, Unscorable)
-                elif not isinstance(outcome, EngineError):
-                    raise outcome
-            if engine_errors:
-                stats.failed += 1
-                stats.errors.append(f"{item.dataset}/{item.id}: {engine_errors[0]}")
+            await score_one(item, todo)
             if bar is not None:
                 bar.update(1)
 
@@ -164,5 +183,3 @@ async def run_eval(
     finally:
         if bar is not None:
             bar.close()
-        stats.wall_s = time.time() - started
-    return stats
