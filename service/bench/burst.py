@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from service.bench.histograms import accuracy, histogram
+from service.bench.report_file import write_report
 from service.bench.serve_process import serve_process
 from service.config import Settings
 from service.evaluation.data import load_mcqa
@@ -119,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     b = asyncio.run(_variant_b(b_items))
     ratio = burst_figures["goodput_questions_per_s"] / b["questions_per_s"]
     report = {"burst": burst_figures, "variant_b": b, "goodput_over_b": round(ratio, 3)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from service.bench.report_file import write_report
 from service.config import Settings
 
 from .runner import (
@@ -112,9 +112,7 @@ def bench_command(args: argparse.Namespace, settings: Settings) -> int:
                 requests=args.overhead_requests, db_url=args.overhead_db_url
             )
     report["wall_s"] = round(time.perf_counter() - started, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out)
     print(format_table(report))
     if report.get("sweep"):
         from .sweep import format_sweep

@@ -28,6 +28,7 @@ import httpx
 
 from service.bench.histograms import accuracy, histogram
 from service.bench.questions import questions_with_options
+from service.bench.report_file import write_report
 from service.bench.serve_process import serve_process
 
 SEQUENCE = [(4, "logprobs"), (4, "logprobs")] + [
@@ -77,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with serve_process("prediction", args.start_timeout) as base:
         report = asyncio.run(_run(base, Path(args.data), args.rounds))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from service.bench.report_file import write_report
 from service.calibration.prompts import PromptTemplate, Question
 from service.config import Settings
 from service.engines.base import Engine
@@ -243,9 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     )
     report["wall_s"] = round(time.perf_counter() - started, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_report(report, args.out)
     print(format_report(report))
     print(f"\nreport: {out}", file=sys.stderr)
     return 0
