@@ -34,7 +34,7 @@ from service.evaluation.report import (
     write_figures,
 )
 from service.evaluation.results import ResultsFile, row_key
-from service.evaluation.runner import EvalStats, run_eval
+from service.evaluation.runner import EvalStats, eval_params, run_eval
 from service.scoring import Method, ScoreParams, method_mode
 
 __all__ = ["add_eval_arguments", "eval_command"]
@@ -242,16 +242,7 @@ def eval_command(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
         raise ArgumentError(f"FILES: {exc}") from None
     if not args.no_run:  # --no-run only reads the results file
         check_engine_settings(settings)
-    params = ScoreParams(
-        method="uf",
-        mode=args.mode or settings.mode,
-        samples=args.samples or settings.samples,
-        temperature=settings.temperature,
-        tau=settings.tau,
-        eps=settings.eps,
-        skip_mass=settings.skip_mass,
-        max_prompts=settings.max_prompts_per_question,
-    )
+    params = eval_params(args.mode, args.samples, settings)
     started = time.time()
     stats, modes = asyncio.run(_run(args, items, methods, settings, params))
     wanted = {(i.dataset, i.id, m, mode) for i in items for m in methods for mode in modes[m]}

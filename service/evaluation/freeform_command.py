@@ -23,7 +23,7 @@ from service.evaluation.freeform import (
 from service.evaluation.freeform_report import render_freeform_report
 from service.evaluation.report import markdown_table, recalibrated, recalibrated_table, summarize
 from service.evaluation.results import ResultsFile
-from service.evaluation.runner import EvalStats
+from service.evaluation.runner import EvalStats, eval_params
 from service.scoring import ScoreParams
 
 __all__ = ["build_judge", "freeform_eval_command", "freeform_items"]
@@ -100,16 +100,7 @@ def freeform_eval_command(args: argparse.Namespace, argv: Sequence[str] | None =
         raise ArgumentError(f"FILES: {exc}") from None
     if not args.no_run:
         check_engine_settings(settings)
-    params = ScoreParams(
-        method="uf",
-        mode=args.mode or settings.mode,
-        samples=args.samples or settings.samples,
-        temperature=settings.temperature,
-        tau=settings.tau,
-        eps=settings.eps,
-        skip_mass=settings.skip_mass,
-        max_prompts=settings.max_prompts_per_question,
-    )
+    params = eval_params(args.mode, args.samples, settings)
     started = time.time()
     stats, mode = asyncio.run(_run(args, items, selection.methods, settings, params))
     wanted_modes = {"logprobs", "sampling"} if mode == "auto" else {mode}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from service.calibration.prompts import PromptTemplate, Question
+from service.config import Mode, Settings
 from service.engines.base import Engine, EngineError
 from service.evaluation.data import Item
 from service.evaluation.results import ResultsFile
@@ -33,6 +34,21 @@ T = TypeVar("T")
 M = TypeVar("M")
 
 __all__ = ["EvalStats", "result_row", "run_eval"]
+
+
+def eval_params(mode: Mode | None, samples: int | None, settings: Settings) -> ScoreParams:
+    """An eval's scoring parameters: the service's settings, with the command's ``--mode``
+    and ``--samples`` over them when given."""
+    return ScoreParams(
+        method="uf",
+        mode=mode or settings.mode,
+        samples=samples or settings.samples,
+        temperature=settings.temperature,
+        tau=settings.tau,
+        eps=settings.eps,
+        skip_mass=settings.skip_mass,
+        max_prompts=settings.max_prompts_per_question,
+    )
 
 
 @dataclass
